@@ -1,0 +1,141 @@
+"""The engine's interface to its front-ends and to the service.
+
+Front-ends (the trio NBD server, the nbdkit plugin, FUSE) are protocol adapters only: they
+translate offsets in and bytes or errors out, through `BlockDevice`. The service and the
+control plane use `Engine` (provider/engine.py) through the methods listed in `EngineAPI`.
+
+Threading: every method here is synchronous and thread-safe. Methods named `*_nowait`
+never block and are safe to call from a trio thread; the others may block (fsync, waiting
+for the copy-on-write overlay to drain, a snapshot hold) and must be called from a worker
+thread (`trio.to_thread.run_sync`) by async callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+SNAPSHOT_SEPARATOR = "@"
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    name: str  # "VOLUME@N"
+    id: str  # UUID
+    volume: str
+    seq: int
+    set: str  # UUID of its snapshot set
+    created: str  # ISO 8601, UTC
+    epoch: int
+    state: str  # "ok", "damaged", "invalid"
+    label: str | None = None
+    diff_bytes: int = 0  # bytes of diff-area data only this snapshot needs
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    uuid: str
+    size: int
+    chunk_size: int
+    origin: str
+    origin_kind: str  # "file" or "block"
+    diff_area: str
+    max_diff: int | None
+    full_policy: str
+    sparse: bool
+    snapshots: int
+    diff_bytes: int  # allocated bytes of preserved data
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BlockDevice(Protocol):
+    """One export: a volume's origin (read-write) or a snapshot (read-only).
+
+    Errors are `shadowblk.provider.errors.ShadowblkError` subclasses: `OutOfRange` for a
+    request past the end, `ReadOnly` for a write to a snapshot, `DamagedData` for a diff-area
+    chunk that fails its checksum, `InsufficientStorage` when the diff area is full under the
+    `fail-writes` policy.
+    """
+
+    name: str
+    size: int
+    readonly: bool
+    chunk_size: int
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read; never blocks for long (page-cache I/O and in-memory look-ups)."""
+        ...
+
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Apply a write if that can be done without blocking.
+
+        True: the write is applied (visible to every later read on every connection) and may
+        be acknowledged; it is durable after the next `flush`. False: nothing was done; call
+        `write` from a worker thread (the overlay is full or writes are held for a snapshot).
+        """
+        ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Apply a write, blocking while the overlay is full or writes are held."""
+        ...
+
+    def flush(self) -> None:
+        """Make every write applied before this call durable (blocking)."""
+        ...
+
+    def close(self) -> None:
+        """Release the export (unpins a snapshot)."""
+        ...
+
+
+class ExportRegistry(Protocol):
+    """What a front-end needs to find its exports."""
+
+    def export_names(self) -> list[tuple[str, str]]:
+        """(name, description) of every export: each volume, then each live snapshot."""
+        ...
+
+    def open_export(self, name: str) -> BlockDevice:
+        """The device for `VOLUME` or `VOLUME@N`; raises `NotFound`."""
+        ...
+
+
+class EngineAPI(ExportRegistry, Protocol):
+    """What the service and control plane call (all blocking; run in a worker thread)."""
+
+    def create_volume(
+        self,
+        name: str,
+        *,
+        size: int | None = None,
+        backing: str | None = None,
+        chunk_size: int = 65536,
+        diff_area: str | None = None,
+        max_diff: int | None = None,
+        full_policy: str = "delete-oldest",
+        sparse: bool = False,
+    ) -> VolumeInfo: ...
+
+    def remove_volume(self, name: str) -> None: ...
+
+    def volumes(self) -> list[VolumeInfo]: ...
+
+    def create_snapshot_set(
+        self, volumes: list[str], *, label: str | None = None, hold_timeout: float = 10.0
+    ) -> list[SnapshotInfo]: ...
+
+    def delete_snapshot(self, name: str) -> None: ...
+
+    def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]: ...
+
+    def statistics(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
