@@ -12,7 +12,7 @@ import errno as _errno
 
 
 class ShadowblkError(Exception):
-    """Base class: `code` for the control socket, `errno` for NBD and FUSE, `exit_code` for the CLI."""
+    """Base class: `code` for the control socket, `errno` for NBD/FUSE, `exit_code` for the CLI."""
 
     code = "internal"
     errno = _errno.EIO
@@ -85,7 +85,7 @@ class FormatError(ShadowblkError):
 
 
 class DamagedData(ShadowblkError):
-    """A diff-area chunk failed its checksum or could not be read: an I/O error, never wrong bytes."""
+    """A diff-area chunk failed its checksum or could not be read: EIO, never wrong bytes."""
 
     code = "damaged"
     errno = _errno.EIO

@@ -1,0 +1,315 @@
+"""The copy-on-write model of one volume, in memory.
+
+Design notes (DESIGN.md "Core model" is the contract; this is how it is kept)
+
+State per volume, all guarded by the engine lock (the caller holds it for every method here):
+- `epoch`: the current epoch E. Writes made now belong to E.
+- `live_epochs`: sorted epochs of the live snapshots (each snapshot S opened epoch(S)).
+- `index`: chunk -> its entries [(epoch, slot, hash)], sorted by epoch; slot ZERO (-1) and
+  hash None mark a zero entry. Only changed chunks appear: memory follows changes.
+- `done`: chunks with an entry at E (preserved this epoch: later writes go straight through).
+- `pending`: chunk -> Pending, a preserve under way for E. `old` holds the contents the
+  snapshots must keep (served to their reads), `new` the chunk as the origin must become
+  (served to origin reads, updated by later writes). The origin itself is untouched until
+  the preserve is durable; then `new` is written to it (commit_preserved).
+
+A chunk in epoch E is in exactly one of: done, pending, or neither. "Neither" writes go
+through `needs_preserve`: a live snapshot S needs c's current contents iff
+p < epoch(S) <= E, where p is the epoch of c's newest entry (all entries are < E here).
+
+Reading chunk c of snapshot S: the entry with the smallest epoch >= epoch(S); else a
+pending preserve (its epoch E >= epoch(S)); else the origin. All under the lock, so a read
+falling through to the origin never races the overwrite of that chunk: the overwrite is
+held in `pending` until the entry is in the index, and both change in one locked step.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroaring import BitMap64
+
+from .diffarea import DiffArea
+from .origin import Origin
+
+ZERO = -1  # the slot of a zero entry
+
+Entry = tuple[int, int, bytes | None]  # (epoch, slot, xxh3-128)
+
+
+def _epoch(entry: Entry) -> int:
+    return entry[0]
+
+
+@dataclass
+class Pending:
+    """A preserve of one chunk for one epoch, from the first write until it is durable."""
+
+    volume: CowVolume
+    chunk: int
+    epoch: int
+    old: bytes
+    new: bytearray
+    slot: int  # ZERO for a zero entry
+    hash: bytes | None
+    seq: int  # the engine-wide order of preserves (flush waits for a sequence number)
+
+
+@dataclass
+class Snapshot:
+    """A live snapshot record, as the engine keeps it in memory."""
+
+    id: str
+    volume: str
+    seq: int
+    epoch: int
+    set_id: str
+    created: str
+    state: str
+    label: str | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    pins: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.volume}@{self.seq}"
+
+
+class CowVolume:
+    """One volume: its origin, its diff area and its copy-on-write state."""
+
+    def __init__(self, row: Any, origin: Origin, diff: DiffArea) -> None:
+        self.id: int = row["id"]
+        self.name: str = row["name"]
+        self.uuid: str = row["uuid"]
+        self.size: int = row["size"]
+        self.chunk_size: int = row["chunk_size"]
+        self.epoch: int = row["epoch"]
+        self.next_seq: int = row["next_seq"]
+        self.row = dict(row)
+        self.origin = origin
+        self.diff = diff
+        self.snapshots: dict[int, Snapshot] = {}
+        self.live_epochs: list[int] = []
+        self.index: dict[int, list[Entry]] = {}
+        self.done = BitMap64()
+        self.pending: dict[int, Pending] = {}
+        self.held = 0  # > 0 while a snapshot set holds this volume's writes
+
+    # --- loading -------------------------------------------------------------------------
+
+    def add_snapshot(self, snap: Snapshot) -> None:
+        self.snapshots[snap.seq] = snap
+        self.live_epochs.insert(bisect_left(self.live_epochs, snap.epoch), snap.epoch)
+
+    def drop_snapshot(self, snap: Snapshot) -> None:
+        del self.snapshots[snap.seq]
+        self.live_epochs.remove(snap.epoch)
+
+    def load_entry(self, chunk: int, epoch: int, slot: int | None, digest: bytes | None) -> None:
+        """Add an entry read from the catalog (rows come ordered by chunk, epoch)."""
+        self.index.setdefault(chunk, []).append((epoch, ZERO if slot is None else slot, digest))
+        if epoch == self.epoch:
+            self.done.add(chunk)
+
+    def used_slots(self) -> BitMap64:
+        used = BitMap64()
+        for entries in self.index.values():
+            for entry in entries:
+                slot = entry[1]
+                if slot != ZERO:
+                    used.add(slot)
+        return used
+
+    # --- the model -----------------------------------------------------------------------
+
+    def chunk_len(self, chunk: int) -> int:
+        return min(self.chunk_size, self.size - chunk * self.chunk_size)
+
+    def needs_preserve(self, chunk: int) -> bool:
+        """Does a live snapshot need chunk's current contents? (chunk neither done nor pending)"""
+        if not self.live_epochs:
+            return False
+        if self.live_epochs[-1] == self.epoch:
+            return True
+        entries = self.index.get(chunk)
+        newest = entries[-1][0] if entries else -1
+        return self.live_epochs[-1] > newest
+
+    def entry_needed(self, entries: list[Entry], i: int) -> bool:
+        """Is entries[i] read by a live snapshot? (p < epoch(S) <= e)"""
+        p = entries[i - 1][0] if i > 0 else -1
+        j = bisect_right(self.live_epochs, p)
+        return j < len(self.live_epochs) and self.live_epochs[j] <= entries[i][0]
+
+    def new_preserves(self, offset: int, length: int) -> int:
+        """How many chunks a write of this range would start preserving now."""
+        if not self.live_epochs or length == 0:
+            return 0
+        first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
+        return sum(
+            1
+            for c in range(first, last + 1)
+            if c not in self.pending and c not in self.done and self.needs_preserve(c)
+        )
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def read_origin(self, offset: int, length: int) -> bytes:
+        """The live contents: the origin, with pending chunks served from their overlay."""
+        if not self.pending:
+            return self.origin.pread(offset, length)
+        return self._assemble(offset, length, self._origin_source)
+
+    def read_snapshot(
+        self, epoch: int, offset: int, length: int, read_diff: Callable[[int, Entry], bytes]
+    ) -> bytes:
+        """Contents of the snapshot that opened `epoch`."""
+        if not self.index and not self.pending:
+            return self.origin.pread(offset, length)
+
+        def source(chunk: int) -> bytes | None:
+            entries = self.index.get(chunk)
+            if entries:
+                i = bisect_left(entries, epoch, key=_epoch)
+                if i < len(entries):
+                    return read_diff(chunk, entries[i])
+            pending = self.pending.get(chunk)
+            return pending.old if pending is not None else None
+
+        return self._assemble(offset, length, source)
+
+    def _origin_source(self, chunk: int) -> bytes | bytearray | None:
+        pending = self.pending.get(chunk)
+        return pending.new if pending is not None else None
+
+    def _assemble(
+        self, offset: int, length: int, source: Callable[[int], bytes | bytearray | None]
+    ) -> bytes:
+        """Build a range chunk by chunk: `source` gives a whole chunk, or None for the origin.
+
+        Consecutive chunks that come from the origin are read with one pread.
+        """
+        cs = self.chunk_size
+        end = offset + length
+        parts: list[bytes | bytearray | memoryview] = []
+        run_start = -1  # start of the pending run of origin bytes
+        pos = offset
+        while pos < end:
+            chunk = pos // cs
+            hi = min(end, (chunk + 1) * cs)
+            data = source(chunk)
+            if data is None:
+                if run_start < 0:
+                    run_start = pos
+            else:
+                if run_start >= 0:
+                    parts.append(self.origin.pread(run_start, pos - run_start))
+                    run_start = -1
+                base = chunk * cs
+                parts.append(memoryview(data)[pos - base : hi - base])
+            pos = hi
+        if run_start >= 0:
+            parts.append(self.origin.pread(run_start, end - run_start))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    # --- writes --------------------------------------------------------------------------
+
+    def apply_write(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        start_preserve: Callable[[CowVolume, int], Pending],
+    ) -> None:
+        """Apply a write: straight to the origin where no snapshot needs the old contents,
+        into the overlay (and a new preserve) where one does."""
+        if not self.pending and not self.live_epochs:
+            self.origin.pwrite(offset, data)
+            return
+        cs = self.chunk_size
+        view = memoryview(data)
+        end = offset + len(view)
+        run_start = -1
+        pos = offset
+        while pos < end:
+            chunk = pos // cs
+            hi = min(end, (chunk + 1) * cs)
+            pending = self.pending.get(chunk)
+            if pending is None and chunk not in self.done and self.needs_preserve(chunk):
+                pending = start_preserve(self, chunk)
+            if pending is None:
+                if run_start < 0:
+                    run_start = pos
+            else:
+                if run_start >= 0:
+                    self.origin.pwrite(run_start, view[run_start - offset : pos - offset])
+                    run_start = -1
+                base = chunk * cs
+                pending.new[pos - base : hi - base] = view[pos - offset : hi - offset]
+            pos = hi
+        if run_start >= 0:
+            self.origin.pwrite(run_start, view[run_start - offset :])
+
+    def commit_preserved(self, pending: Pending) -> bool:
+        """The preserve is durable: index it, write the overlay to the origin.
+
+        Returns False when no live snapshot needs the new entry (its snapshot was deleted
+        while the preserve ran): the caller frees it.
+        """
+        entries = self.index.setdefault(pending.chunk, [])
+        entries.append((pending.epoch, pending.slot, pending.hash))
+        self.done.add(pending.chunk)
+        self.origin.pwrite(pending.chunk * self.chunk_size, pending.new)
+        del self.pending[pending.chunk]
+        return self.entry_needed(entries, len(entries) - 1)
+
+    def abandon_preserve(self, pending: Pending) -> None:
+        """The preserve failed: the write still reaches the origin (it was acknowledged)."""
+        self.origin.pwrite(pending.chunk * self.chunk_size, pending.new)
+        del self.pending[pending.chunk]
+
+    # --- freeing -------------------------------------------------------------------------
+
+    def unneeded_entries(self, chunks: Any = None) -> list[tuple[int, Entry]]:
+        """Entries no live snapshot reads, over `chunks` (default: every changed chunk)."""
+        found = []
+        for chunk in self.index if chunks is None else chunks:
+            entries = self.index.get(chunk, [])
+            for i, entry in enumerate(entries):
+                if not self.entry_needed(entries, i):
+                    found.append((chunk, entry))
+        return found
+
+    def entries_read_by(self, epoch: int) -> list[tuple[int, Entry]]:
+        """For each changed chunk, the entry a snapshot of `epoch` reads (at most one each)."""
+        found = []
+        for chunk, entries in self.index.items():
+            i = bisect_left(entries, epoch, key=_epoch)
+            if i < len(entries):
+                found.append((chunk, entries[i]))
+        return found
+
+    def remove_entry(self, chunk: int, entry: Entry) -> None:
+        entries = self.index[chunk]
+        entries.remove(entry)
+        if not entries:
+            del self.index[chunk]
+        if entry[0] == self.epoch:
+            self.done.discard(chunk)
+
+    def diff_bytes_of(self, snap: Snapshot) -> int:
+        """Bytes of diff-area data only `snap` needs (what deleting it would free)."""
+        total = 0
+        for entries in self.index.values():
+            i = bisect_left(entries, snap.epoch, key=_epoch)
+            if i >= len(entries) or entries[i][1] == ZERO:
+                continue
+            p = entries[i - 1][0] if i > 0 else -1
+            j = bisect_right(self.live_epochs, p)
+            k = bisect_right(self.live_epochs, entries[i][0])
+            if k - j == 1 and self.live_epochs[j] == snap.epoch:
+                total += self.chunk_size
+        return total

@@ -1,0 +1,166 @@
+"""A volume's diff area: the directory that holds its preserved chunks.
+
+Layout (docs/format.md has the byte-level description):
+- `shadowblk-diff-area.json`: the marker, `{"format": 1, "volume_uuid": ..., "chunk_size": ...}`.
+  A directory without it (an unmounted filesystem, a wrong path) is refused, never taken
+  for an empty diff area.
+- `chunks.dat`: slot i holds one preserved chunk at byte offset i * chunk_size. A slot is
+  either used (referenced by exactly one catalog entry) or free (a hole, or garbage left by
+  a crash before its entry committed).
+
+Ordering (DESIGN.md "Durability contract"):
+- a slot's data is written and `sync()`ed before its catalog entry commits;
+- a freed slot is punched only after the free committed, and `release()`d for reuse after
+  that, so a crash never lets a slot be both referenced and overwritten.
+
+The slot allocator is in memory: the free slots below the high-water mark, in a 64-bit
+roaring bitmap. It is rebuilt at open from the catalog (every slot not referenced is free),
+so its size follows the number of changed chunks, never the volume size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import xxhash
+from pyroaring import BitMap64
+
+from .errors import DamagedData, FormatError
+from .fileio import fsync_dir, pread_full, punch_hole, pwrite_full
+
+MARKER = "shadowblk-diff-area.json"
+DATA = "chunks.dat"
+MARKER_FORMAT = 1
+
+
+def chunk_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """The checksum stored for every preserved chunk: xxh3-128, big-endian digest."""
+    return xxhash.xxh3_128_digest(data)
+
+
+class DiffArea:
+    """The preserved-chunk store of one volume."""
+
+    def __init__(self, path: Path, volume_uuid: str, chunk_size: int) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self._check_marker(volume_uuid)
+        self.fd = os.open(path / DATA, os.O_RDWR | os.O_CLOEXEC)
+        self.hwm = -(-os.fstat(self.fd).st_size // chunk_size)
+        self.free = BitMap64()
+
+    @classmethod
+    def create(cls, path: Path, volume_uuid: str, chunk_size: int) -> DiffArea:
+        """Make a new diff area directory (its parent must exist); durable on return."""
+        path.mkdir(mode=0o700)
+        marker = {"format": MARKER_FORMAT, "volume_uuid": volume_uuid, "chunk_size": chunk_size}
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker) + "\n")
+        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        tmp.rename(path / MARKER)
+        fd = os.open(path / DATA, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fsync(fd)
+        os.close(fd)
+        fsync_dir(path)
+        fsync_dir(path.parent)
+        return cls(path, volume_uuid, chunk_size)
+
+    def _check_marker(self, volume_uuid: str) -> None:
+        try:
+            marker = json.loads((self.path / MARKER).read_text())
+        except FileNotFoundError:
+            raise FormatError(
+                f"diff area {self.path} has no shadowblk marker: is its filesystem mounted?"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise FormatError(f"diff area {self.path}: unreadable marker: {e}") from e
+        if marker.get("volume_uuid") != volume_uuid:
+            raise FormatError(
+                f"diff area {self.path} belongs to volume {marker.get('volume_uuid')}, "
+                f"not {volume_uuid}"
+            )
+        if marker.get("chunk_size") != self.chunk_size:
+            raise FormatError(f"diff area {self.path}: chunk size does not match the catalog")
+
+    def set_used(self, used: BitMap64) -> None:
+        """At open: every slot below the high-water mark not in `used` is free."""
+        if used:
+            self.hwm = max(self.hwm, used.max() + 1)
+        self.free = BitMap64()
+        if self.hwm:
+            self.free.add_range(0, self.hwm)
+            self.free -= used
+
+    def allocate(self) -> int:
+        """A slot to write a new preserved chunk into (lowest free first)."""
+        if self.free:
+            slot = self.free.min()
+            self.free.discard(slot)
+            return int(slot)
+        self.hwm += 1
+        return self.hwm - 1
+
+    def unallocate(self, slot: int) -> None:
+        """Give back a slot that was allocated but never committed (its data is garbage)."""
+        self.free.add(slot)
+
+    def used_slots(self) -> int:
+        return self.hwm - len(self.free)
+
+    def used_bytes(self) -> int:
+        """Bytes of preserved data (used slots), the quantity `--max-diff` limits."""
+        return self.used_slots() * self.chunk_size
+
+    def write(self, slot: int, data: bytes | bytearray | memoryview) -> None:
+        pwrite_full(self.fd, data, slot * self.chunk_size)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def read(self, slot: int, length: int, expected: bytes) -> bytes:
+        """Read a preserved chunk and check its xxh3-128; a mismatch is `DamagedData`."""
+        try:
+            data = pread_full(self.fd, length, slot * self.chunk_size)
+        except OSError as e:
+            raise DamagedData(f"diff area {self.path}: read of slot {slot} failed: {e}") from e
+        if chunk_hash(data) != expected:
+            raise DamagedData(f"diff area {self.path}: slot {slot} fails its checksum")
+        return data
+
+    def punch(self, slots: list[int]) -> None:
+        """Deallocate the data of freed slots (call only after the free is durable)."""
+        for start, count in _runs(sorted(slots)):
+            punch_hole(self.fd, start * self.chunk_size, count * self.chunk_size)
+
+    def release(self, slots: list[int]) -> None:
+        """Make punched slots available for reuse."""
+        for slot in slots:
+            self.free.add(slot)
+
+    def reclaim_free(self) -> None:
+        """At open: punch every free slot (finishes a reclaim a crash interrupted)."""
+        for start, end in _bitmap_runs(self.free):
+            punch_hole(self.fd, start * self.chunk_size, (end - start) * self.chunk_size)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Sorted slot numbers as (first, count) runs of consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
+
+
+def _bitmap_runs(bitmap: BitMap64) -> list[tuple[int, int]]:
+    """A bitmap's members as half-open [start, end) ranges."""
+    return [(start, start + count) for start, count in _runs(list(bitmap))]

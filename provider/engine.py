@@ -1,0 +1,826 @@
+"""The engine: volumes, snapshot sets, the preserve pipeline and the catalog, behind one API.
+
+Design notes
+
+Locks (always taken in this order):
+- `_admin` serializes the operations that change the catalog's shape: volume create and
+  remove, snapshot-set creation, snapshot deletion. They may block for long (fsync, a hold).
+- `_lock` (with its condition `_cond`) guards every volume's in-memory copy-on-write state
+  (provider/cow.py), the preserve queue and the counters. It is held only for in-memory
+  work and page-cache I/O, never across an fsync, so the NBD server can call reads and
+  `write_nowait` inline on its trio thread.
+
+The write path (DESIGN.md "Durability contract"):
+1. A write reaching a chunk that a live snapshot still needs starts a preserve: the old
+   contents are read (under `_lock`, so nothing overwrites them meanwhile), a diff slot is
+   reserved, and the write lands in the chunk's overlay (`Pending.new`). It can be
+   acknowledged at once; the origin is not touched.
+2. The preserver thread takes queued preserves in batches (group commit): it writes their
+   data to the diff areas, fdatasyncs them, commits their entries to the catalog in one
+   transaction (durable), and only then, under `_lock`, indexes them and writes the overlay
+   to the origin.
+3. `flush` waits until every preserve queued before it is applied (a sequence point, not an
+   empty queue), then fdatasyncs the origins.
+
+Snapshot-set creation holds writes on its volumes, waits for their preserves to drain,
+fdatasyncs the origins, commits every snapshot record in one transaction, opens the new
+epochs, and releases writes.
+
+Freeing (delete, or a preserve whose snapshot was deleted meanwhile): the entries are taken
+out of the in-memory index under `_lock` (so each is freed exactly once), their rows are
+deleted in one durable transaction, then the slots are punched, then released for reuse.
+A crash after the commit leaves free slots unpunched: `open` punches every free slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyroaring import BitMap64
+
+from .api import SnapshotInfo, VolumeInfo
+from .catalog import Catalog
+from .cow import ZERO, CowVolume, Entry, Pending, Snapshot
+from .diffarea import DiffArea, chunk_hash
+from .errors import (
+    AlreadyExists,
+    Busy,
+    DamagedData,
+    HoldTimeout,
+    InvalidArgument,
+    Locked,
+    MaxSnapshots,
+    NotFound,
+    OutOfRange,
+    ShadowblkError,
+)
+from .exports import OriginDevice, SnapshotDevice
+from .fileio import flock_exclusive
+from .origin import Origin
+
+log = logging.getLogger("shadowblk.engine")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FULL_POLICIES = ("delete-oldest", "invalidate", "fail-writes")
+DEFAULT_CHUNK_SIZE = 64 * 1024
+OVERLAY_CAP = 64 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
+MAX_BATCH = 512  # preserves per group commit
+MAX_SNAPSHOTS = 512
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_ZEROES: dict[int, bytes] = {}
+
+
+def zeroes(length: int) -> bytes:
+    z = _ZEROES.get(length)
+    if z is None:
+        z = _ZEROES[length] = bytes(length)
+    return z
+
+
+class Engine:
+    """All volumes of one state directory."""
+
+    def __init__(self, state_dir: Path, lock_fd: int, catalog: Catalog) -> None:
+        self.state_dir = state_dir
+        self._lock_fd = lock_fd
+        self.catalog = catalog
+        self._admin = threading.Lock()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._volumes: dict[str, CowVolume] = {}
+        self.unavailable: dict[str, str] = {}  # volume name -> why it could not be opened
+        self._queue: list[Pending] = []
+        self._queued_seq = 0
+        self._applied_seq = 0
+        self._overlay_bytes = 0
+        self._state_updates: list[tuple[str, str]] = []  # (snapshot id, state) to persist
+        self._exports: dict[str, int] = {}  # volume name -> open devices
+        self._stopping = False
+        self.stats = {"commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0}
+        self._preserver = threading.Thread(
+            target=self._preserve_loop, name="preserver", daemon=True
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike[str]) -> Engine:
+        """Lock the state directory, open the catalog and every volume, recover, start."""
+        path = Path(state_dir).absolute()
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = flock_exclusive(path / "lock", f"state directory {path}")
+        try:
+            engine = cls(path, lock_fd, Catalog(path / "catalog.db"))
+            engine._load()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        engine._preserver.start()
+        return engine
+
+    def close(self) -> None:
+        """Drain every preserve, make the origins durable, release everything."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._preserver.is_alive():
+            self._preserver.join()
+        for vol in self._volumes.values():
+            vol.origin.sync()
+            vol.origin.close()
+            vol.diff.close()
+        self._volumes.clear()
+        self.catalog.close()
+        os.close(self._lock_fd)
+
+    def _load(self) -> None:
+        for row in self.catalog.query("SELECT * FROM volumes ORDER BY id"):
+            try:
+                self._volumes[row["name"]] = self._open_volume(row)
+            except (ShadowblkError, OSError) as e:
+                log.error("volume %s is unavailable: %s", row["name"], e)
+                self.unavailable[row["name"]] = str(e)
+
+    def _open_volume(self, row: Any) -> CowVolume:
+        origin = Origin.open(Path(row["origin"]))
+        try:
+            if origin.size < row["size"]:
+                raise InvalidArgument(
+                    f"origin {origin.path} is {origin.size} bytes, smaller than the volume's "
+                    f"{row['size']}"
+                )
+            diff = DiffArea(Path(row["diff_area"]), row["uuid"], row["chunk_size"])
+        except BaseException:
+            origin.close()
+            raise
+        vol = CowVolume(row, origin, diff)
+        for s in self.catalog.query(
+            "SELECT * FROM snapshots WHERE volume_id=? ORDER BY seq", (vol.id,)
+        ):
+            vol.add_snapshot(_snapshot_from_row(s, vol.name))
+        for chunk, epoch, slot, digest in self.catalog.iter_chunks(vol.id):
+            vol.load_entry(chunk, epoch, slot, digest)
+        diff.set_used(vol.used_slots())
+        self._recover(vol)
+        return vol
+
+    def _recover(self, vol: CowVolume) -> None:
+        """Finish what a crash interrupted: free entries nobody needs, punch free slots."""
+        garbage = vol.unneeded_entries()
+        if garbage:
+            log.info("volume %s: freeing %d unneeded entries", vol.name, len(garbage))
+            for chunk, entry in garbage:
+                vol.remove_entry(chunk, entry)
+            self._free(vol, garbage)
+        vol.diff.reclaim_free()
+
+    # --- volumes -------------------------------------------------------------------------
+
+    def create_volume(
+        self,
+        name: str,
+        *,
+        size: int | None = None,
+        backing: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        diff_area: str | None = None,
+        max_diff: int | None = None,
+        full_policy: str = "delete-oldest",
+        sparse: bool = False,
+    ) -> VolumeInfo:
+        """A new volume: a new file of `size` under the state directory, or `backing` adopted."""
+        _check_volume_args(name, size, chunk_size, max_diff, full_policy)
+        with self._admin:
+            if name in self._volumes or name in self.unavailable:
+                raise AlreadyExists(f"volume {name} already exists")
+            vid = str(uuid.uuid4())
+            origin, owned = self._make_origin(vid, size, backing, sparse)
+            try:
+                diff = self._make_diff_area(vid, chunk_size, diff_area)
+            except BaseException:
+                self._discard_origin(origin, owned)
+                raise
+            try:
+                vol = self._insert_volume(
+                    name, vid, origin, owned, diff, chunk_size, max_diff, full_policy, sparse, size
+                )
+            except BaseException:
+                diff.close()
+                shutil.rmtree(diff.path, ignore_errors=True)
+                self._discard_origin(origin, owned)
+                raise
+            with self._lock:
+                self._volumes[name] = vol
+            return self._volume_info(vol)
+
+    def _make_origin(
+        self, vid: str, size: int | None, backing: str | None, sparse: bool
+    ) -> tuple[Origin, bool]:
+        if backing is None:
+            if size is None:
+                raise InvalidArgument("a new volume needs --size (or --backing PATH to adopt)")
+            vdir = self.state_dir / "volumes"
+            vdir.mkdir(exist_ok=True, mode=0o700)
+            try:
+                return Origin.create(vdir / f"{vid}.img", size, sparse), True
+            except OSError as e:
+                raise InvalidArgument(f"cannot create a {size}-byte origin: {e.strerror}") from e
+        origin = Origin.open(Path(backing).absolute())
+        try:
+            self._check_adoptable(origin, size)
+        except BaseException:
+            origin.close()
+            raise
+        return origin, False
+
+    def _check_adoptable(self, origin: Origin, size: int | None) -> None:
+        ident = origin.identity()
+        for other in self._volumes.values():
+            if other.origin.identity() == ident:
+                raise Locked(f"origin {origin.path} is already volume {other.name}")
+        if size is not None and size != origin.size:
+            raise InvalidArgument(
+                f"--size {size} does not match {origin.path}, which is {origin.size} bytes"
+            )
+        if origin.size == 0 or origin.size % 512:
+            raise InvalidArgument(f"origin {origin.path} must be a non-zero multiple of 512 bytes")
+
+    def _make_diff_area(self, vid: str, chunk_size: int, parent: str | None) -> DiffArea:
+        base = Path(parent).absolute() if parent else self.state_dir / "diff"
+        if parent is None:
+            base.mkdir(exist_ok=True, mode=0o700)
+        elif not base.is_dir():
+            raise InvalidArgument(f"diff area {base} is not a directory")
+        return DiffArea.create(base / vid, vid, chunk_size)
+
+    def _discard_origin(self, origin: Origin, owned: bool) -> None:
+        origin.close()
+        if owned:
+            origin.path.unlink(missing_ok=True)
+
+    def _insert_volume(
+        self,
+        name: str,
+        vid: str,
+        origin: Origin,
+        owned: bool,
+        diff: DiffArea,
+        chunk_size: int,
+        max_diff: int | None,
+        full_policy: str,
+        sparse: bool,
+        size: int | None,
+    ) -> CowVolume:
+        with self.catalog.transaction() as t:
+            t.execute(
+                "INSERT INTO volumes (name, uuid, size, chunk_size, origin, origin_kind, owned, "
+                "diff_area, max_diff, full_policy, sparse, created) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    vid,
+                    origin.size,
+                    chunk_size,
+                    str(origin.path),
+                    origin.kind,
+                    int(owned),
+                    str(diff.path),
+                    max_diff,
+                    full_policy,
+                    int(sparse),
+                    utc_now(),
+                ),
+            )
+        row = self.catalog.query("SELECT * FROM volumes WHERE name=?", (name,))[0]
+        return CowVolume(row, origin, diff)
+
+    def remove_volume(self, name: str) -> None:
+        """Remove a volume with no snapshots and no open exports; delete what shadowblk made."""
+        with self._admin:
+            if name in self.unavailable:
+                self._forget_unavailable(name)
+                return
+            vol = self._volume(name)
+            if vol.snapshots:
+                raise Busy(f"volume {name} has {len(vol.snapshots)} snapshots: delete them first")
+            if self._exports.get(name):
+                raise Busy(f"volume {name} is exported to {self._exports[name]} client(s)")
+            self._drain([vol], None)
+            with self.catalog.transaction() as t:
+                t.execute("DELETE FROM chunks WHERE volume_id=?", (vol.id,))
+                t.execute("DELETE FROM volumes WHERE id=?", (vol.id,))
+            with self._lock:
+                del self._volumes[name]
+            vol.origin.sync()
+            self._discard_origin(vol.origin, bool(vol.row["owned"]))
+            vol.diff.close()
+            shutil.rmtree(vol.diff.path, ignore_errors=True)
+
+    def _forget_unavailable(self, name: str) -> None:
+        with self.catalog.transaction() as t:
+            (vid,) = t.execute("SELECT id FROM volumes WHERE name=?", (name,)).fetchone()
+            t.execute("DELETE FROM chunks WHERE volume_id=?", (vid,))
+            t.execute("DELETE FROM snapshots WHERE volume_id=?", (vid,))
+            t.execute("DELETE FROM snapsets WHERE id NOT IN (SELECT set_id FROM snapshots)")
+            t.execute("DELETE FROM volumes WHERE id=?", (vid,))
+        del self.unavailable[name]
+
+    def volumes(self) -> list[VolumeInfo]:
+        with self._lock:
+            return [self._volume_info(v) for v in self._volumes.values()]
+
+    def _volume(self, name: str) -> CowVolume:
+        vol = self._volumes.get(name)
+        if vol is None:
+            if name in self.unavailable:
+                raise NotFound(f"volume {name} is unavailable: {self.unavailable[name]}")
+            raise NotFound(f"no volume named {name}")
+        return vol
+
+    def _volume_info(self, vol: CowVolume) -> VolumeInfo:
+        r = vol.row
+        return VolumeInfo(
+            name=vol.name,
+            uuid=vol.uuid,
+            size=vol.size,
+            chunk_size=vol.chunk_size,
+            origin=r["origin"],
+            origin_kind=r["origin_kind"],
+            diff_area=r["diff_area"],
+            max_diff=r["max_diff"],
+            full_policy=r["full_policy"],
+            sparse=bool(r["sparse"]),
+            snapshots=len(vol.snapshots),
+            diff_bytes=vol.diff.used_bytes(),
+            created=r["created"],
+        )
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def create_snapshot_set(
+        self, volumes: list[str], *, label: str | None = None, hold_timeout: float = 10.0
+    ) -> list[SnapshotInfo]:
+        """One snapshot of each volume, all at the same instant, committed atomically (I3)."""
+        if not volumes or len(set(volumes)) != len(volumes):
+            raise InvalidArgument("a snapshot set needs one or more distinct volumes")
+        with self._admin:
+            vols = [self._volume(n) for n in volumes]
+            for v in vols:
+                if len(v.snapshots) >= MAX_SNAPSHOTS:
+                    raise MaxSnapshots(f"volume {v.name} has {MAX_SNAPSHOTS} snapshots already")
+            with self._cond:
+                for v in vols:
+                    v.held += 1
+            try:
+                snaps = self._commit_set(vols, label, time.monotonic() + hold_timeout)
+            finally:
+                with self._cond:
+                    for v in vols:
+                        v.held -= 1
+                    self._cond.notify_all()
+            return [self._snapshot_info(v, s) for v, s in zip(vols, snaps, strict=True)]
+
+    def _commit_set(
+        self, vols: list[CowVolume], label: str | None, deadline: float
+    ) -> list[Snapshot]:
+        self._drain(vols, deadline)
+        for v in vols:
+            v.origin.sync()
+        if time.monotonic() > deadline:
+            raise HoldTimeout("writes could not be flushed within the hold limit")
+        set_id, created = str(uuid.uuid4()), utc_now()
+        snaps = [
+            Snapshot(
+                str(uuid.uuid4()), v.name, v.next_seq, v.epoch + 1, set_id, created, "ok", label
+            )
+            for v in vols
+        ]
+        with self.catalog.transaction() as t:
+            t.execute(
+                "INSERT INTO snapsets (id, created, label) VALUES (?,?,?)", (set_id, created, label)
+            )
+            for v, s in zip(vols, snaps, strict=True):
+                t.execute(
+                    "INSERT INTO snapshots (id, volume_id, seq, epoch, set_id, created, state, "
+                    "label) VALUES (?,?,?,?,?,?,?,?)",
+                    (s.id, v.id, s.seq, s.epoch, set_id, created, s.state, label),
+                )
+                t.execute(
+                    "UPDATE volumes SET epoch=?, next_seq=? WHERE id=?", (s.epoch, s.seq + 1, v.id)
+                )
+        with self._lock:
+            for v, s in zip(vols, snaps, strict=True):
+                v.epoch, v.next_seq = s.epoch, s.seq + 1
+                v.done = BitMap64()
+                v.add_snapshot(s)
+        return snaps
+
+    def _drain(self, vols: list[CowVolume], deadline: float | None) -> None:
+        """Wait until no preserve of `vols` is pending (their overlays are on the origin)."""
+        with self._cond:
+            while any(v.pending for v in vols):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise HoldTimeout("pending writes did not drain within the hold limit")
+                self._cond.wait(remaining)
+
+    def delete_snapshot(self, name: str, *, force: bool = False) -> None:
+        """Delete one snapshot (any, not only the oldest) and reclaim what only it needed."""
+        with self._admin:
+            vol, snap = self._find_snapshot(name)
+            if snap.pins and not force:
+                raise Busy(f"snapshot {name} is in use ({snap.pins} open export(s))")
+            with self._lock:
+                vol.drop_snapshot(snap)
+                freed = [
+                    (c, e) for c, e in vol.entries_read_by(snap.epoch) if not _needed(vol, c, e)
+                ]
+                for chunk, entry in freed:
+                    vol.remove_entry(chunk, entry)
+            try:
+                self._free(vol, freed, snap)
+            except BaseException:
+                with self._lock:
+                    vol.add_snapshot(snap)
+                    for chunk, entry in freed:
+                        _reinsert(vol, chunk, entry)
+                raise
+
+    def _free(
+        self, vol: CowVolume, freed: list[tuple[int, Entry]], snap: Snapshot | None = None
+    ) -> None:
+        """Commit the removal of entries (and of `snap`), then punch and release their slots."""
+        with self.catalog.transaction() as t:
+            t.executemany(
+                "DELETE FROM chunks WHERE volume_id=? AND chunk=? AND epoch=?",
+                [(vol.id, c, e[0]) for c, e in freed],
+            )
+            if snap is not None:
+                t.execute("DELETE FROM snapshots WHERE id=?", (snap.id,))
+                t.execute(
+                    "DELETE FROM snapsets WHERE id=? AND id NOT IN (SELECT set_id FROM snapshots)",
+                    (snap.set_id,),
+                )
+        slots = [e[1] for _c, e in freed if e[1] != ZERO]
+        vol.diff.punch(slots)
+        with self._lock:
+            vol.diff.release(slots)
+
+    def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        with self._lock:
+            vols = [self._volume(volume)] if volume else list(self._volumes.values())
+            return [self._snapshot_info(v, s) for v in vols for s in v.snapshots.values()]
+
+    def _find_snapshot(self, name: str) -> tuple[CowVolume, Snapshot]:
+        vname, sep, seq = name.rpartition("@")
+        if not sep or not seq.isdigit():
+            raise InvalidArgument(f"{name!r} is not a snapshot name (VOLUME@N)")
+        vol = self._volume(vname)
+        snap = vol.snapshots.get(int(seq))
+        if snap is None:
+            raise NotFound(f"no snapshot {name}")
+        return vol, snap
+
+    def _snapshot_info(self, vol: CowVolume, s: Snapshot) -> SnapshotInfo:
+        return SnapshotInfo(
+            name=s.name,
+            id=s.id,
+            volume=s.volume,
+            seq=s.seq,
+            set=s.set_id,
+            created=s.created,
+            epoch=s.epoch,
+            state=s.state,
+            label=s.label,
+            diff_bytes=vol.diff_bytes_of(s),
+            attrs=dict(s.attrs),
+        )
+
+    # --- exports -------------------------------------------------------------------------
+
+    def export_names(self) -> list[tuple[str, str]]:
+        with self._lock:
+            names = [
+                (v.name, f"volume {v.name} (read-write origin)") for v in self._volumes.values()
+            ]
+            for v in self._volumes.values():
+                names += [
+                    (s.name, f"snapshot of {v.name}, {s.created}")
+                    for s in v.snapshots.values()
+                    if s.state != "invalid"
+                ]
+            return names
+
+    def open_export(self, name: str) -> OriginDevice | SnapshotDevice:
+        """The device behind export `VOLUME` or `VOLUME@N` (pins a snapshot until closed)."""
+        with self._lock:
+            if "@" in name:
+                vol, snap = self._find_snapshot(name)
+                snap.pins += 1
+                device: OriginDevice | SnapshotDevice = SnapshotDevice(self, vol, snap)
+            else:
+                vol = self._volume(name)
+                device = OriginDevice(self, vol)
+            self._exports[vol.name] = self._exports.get(vol.name, 0) + 1
+            return device
+
+    def release_export(self, vol: CowVolume, snap: Snapshot | None) -> None:
+        with self._lock:
+            self._exports[vol.name] -= 1
+            if snap is not None:
+                snap.pins -= 1
+
+    # --- the data path -------------------------------------------------------------------
+
+    def read_origin(self, vol: CowVolume, offset: int, length: int) -> bytes:
+        _check_range(vol, offset, length)
+        with self._lock:
+            return vol.read_origin(offset, length)
+
+    def read_snapshot(self, vol: CowVolume, snap: Snapshot, offset: int, length: int) -> bytes:
+        _check_range(vol, offset, length)
+        with self._lock:
+            if vol.snapshots.get(snap.seq) is not snap:
+                raise NotFound(f"snapshot {snap.name} was deleted")
+            if snap.state == "invalid":
+                raise DamagedData(f"snapshot {snap.name} is invalid")
+            return vol.read_snapshot(
+                snap.epoch, offset, length, lambda c, e: self._read_diff(vol, snap, c, e)
+            )
+
+    def _read_diff(self, vol: CowVolume, snap: Snapshot, chunk: int, entry: Entry) -> bytes:
+        length = vol.chunk_len(chunk)
+        if entry[1] == ZERO:
+            return zeroes(length)
+        assert entry[2] is not None
+        try:
+            return vol.diff.read(entry[1], length, entry[2])
+        except DamagedData as e:
+            log.error("snapshot %s, chunk %d: %s", snap.name, chunk, e.message)
+            if snap.state == "ok":
+                snap.state = "damaged"
+                self._state_updates.append((snap.id, "damaged"))
+                self._cond.notify_all()
+            raise
+
+    def write_nowait(
+        self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview
+    ) -> bool:
+        _check_range(vol, offset, len(data))
+        with self._lock:
+            return self._try_write(vol, offset, data)
+
+    def write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> None:
+        _check_range(vol, offset, len(data))
+        with self._cond:
+            while not self._try_write(vol, offset, data):
+                self._cond.wait()
+
+    def _try_write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Apply a write unless writes are held or the overlay has no room (lock held)."""
+        if vol.held:
+            return False
+        if vol.live_epochs and self._overlay_bytes:
+            n = vol.new_preserves(offset, len(data))
+            if n and self._overlay_bytes + n * vol.chunk_size > OVERLAY_CAP:
+                return False
+        vol.apply_write(offset, data, self._start_preserve)
+        self.stats["writes"] += 1
+        return True
+
+    def _start_preserve(self, vol: CowVolume, chunk: int) -> Pending:
+        old = vol.origin.pread(chunk * vol.chunk_size, vol.chunk_len(chunk))
+        slot = ZERO if old == zeroes(len(old)) else vol.diff.allocate()
+        self._queued_seq += 1
+        pending = Pending(vol, chunk, vol.epoch, old, bytearray(old), slot, None, self._queued_seq)
+        vol.pending[chunk] = pending
+        self._queue.append(pending)
+        self._overlay_bytes += len(old)
+        self._cond.notify_all()
+        return pending
+
+    def flush(self, vol: CowVolume | None = None) -> None:
+        """Every write applied before this call is durable when it returns (I2)."""
+        with self._cond:
+            target = self._queued_seq
+            while self._applied_seq < target:
+                self._cond.wait()
+            vols = [vol] if vol is not None else list(self._volumes.values())
+        for v in vols:
+            v.origin.sync()
+
+    # --- the preserver thread ------------------------------------------------------------
+
+    def _preserve_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._state_updates and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and not self._state_updates:
+                    return
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                updates, self._state_updates = self._state_updates, []
+            try:
+                if updates:
+                    self._persist_states(updates)
+                if batch:
+                    self._run_batch(batch)
+            except Exception:  # never let the thread die: writes would wait for it forever
+                log.exception("preserver: unexpected error")
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        try:
+            self._persist(batch)
+            failed: Exception | None = None
+        except Exception as e:  # a diff-area or catalog error: the snapshots lose, never the write
+            log.error("preserving %d chunks failed: %s", len(batch), e)
+            failed = e
+        garbage: dict[CowVolume, list[tuple[int, Entry]]] = {}
+        with self._cond:
+            for p in batch:
+                self._apply_preserved(p, failed, garbage)
+                self._overlay_bytes -= len(p.new)
+            self._applied_seq = batch[-1].seq
+            self._cond.notify_all()
+        for vol, freed in garbage.items():
+            self._free(vol, freed)
+
+    def _persist(self, batch: list[Pending]) -> None:
+        """Write and sync the data of a batch, then commit its entries: durable on return."""
+        diffs = {}
+        for p in batch:
+            if p.slot != ZERO:
+                p.hash = chunk_hash(p.old)
+                p.volume.diff.write(p.slot, p.old)
+                diffs[id(p.volume.diff)] = p.volume.diff
+        for diff in diffs.values():
+            diff.sync()
+        with self.catalog.transaction() as t:
+            t.executemany(
+                "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",
+                [
+                    (p.volume.id, p.chunk, p.epoch, None if p.slot == ZERO else p.slot, p.hash)
+                    for p in batch
+                ],
+            )
+        self.stats["commits"] += 1
+
+    def _apply_preserved(
+        self,
+        p: Pending,
+        failed: Exception | None,
+        garbage: dict[CowVolume, list[tuple[int, Entry]]],
+    ) -> None:
+        vol = p.volume
+        if failed is not None:
+            if p.slot != ZERO:
+                vol.diff.unallocate(p.slot)
+            self._invalidate_readers(vol, p.chunk, str(failed))
+            vol.abandon_preserve(p)
+            return
+        self.stats["chunks_preserved"] += 1
+        if p.slot == ZERO:
+            self.stats["zero_entries"] += 1
+        if not vol.commit_preserved(p):
+            entry = (p.epoch, p.slot, p.hash)
+            vol.remove_entry(p.chunk, entry)
+            garbage.setdefault(vol, []).append((p.chunk, entry))
+
+    def _invalidate_readers(self, vol: CowVolume, chunk: int, why: str) -> None:
+        """Mark invalid every live snapshot that needed the chunk whose preserve failed."""
+        entries = vol.index.get(chunk)
+        newest = entries[-1][0] if entries else -1
+        for snap in vol.snapshots.values():
+            if snap.epoch > newest and snap.state != "invalid":
+                log.error("snapshot %s is invalid: %s", snap.name, why)
+                snap.state = "invalid"
+                self._state_updates.append((snap.id, "invalid"))
+
+    def _persist_states(self, updates: list[tuple[str, str]]) -> None:
+        try:
+            with self.catalog.transaction() as t:
+                t.executemany(
+                    "UPDATE snapshots SET state=? WHERE id=?",
+                    [(state, sid) for sid, state in updates],
+                )
+        except Exception as e:
+            log.error("could not record snapshot states: %s", e)
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        with self._lock:
+            volumes = {
+                v.name: {
+                    "snapshots": len(v.snapshots),
+                    "changed_chunks": len(v.index),
+                    "entries": sum(len(e) for e in v.index.values()),
+                    "diff_bytes": v.diff.used_bytes(),
+                    "pending": len(v.pending),
+                    "epoch": v.epoch,
+                }
+                for v in self._volumes.values()
+            }
+            return dict(
+                self.stats,
+                overlay_bytes=self._overlay_bytes,
+                volumes=volumes,
+                unavailable=dict(self.unavailable),
+            )
+
+
+def _needed(vol: CowVolume, chunk: int, entry: Entry) -> bool:
+    entries = vol.index[chunk]
+    return vol.entry_needed(entries, entries.index(entry))
+
+
+def _reinsert(vol: CowVolume, chunk: int, entry: Entry) -> None:
+    entries = vol.index.setdefault(chunk, [])
+    entries.append(entry)
+    entries.sort(key=lambda e: e[0])
+    if entry[0] == vol.epoch:
+        vol.done.add(chunk)
+
+
+def _check_range(vol: CowVolume, offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > vol.size:
+        raise OutOfRange(f"range {offset}+{length} is outside volume {vol.name} ({vol.size} bytes)")
+
+
+def _check_volume_args(
+    name: str, size: int | None, chunk_size: int, max_diff: int | None, full_policy: str
+) -> None:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid volume name {name!r}: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if size is not None and (size <= 0 or size % 512):
+        raise InvalidArgument(f"size {size} must be a positive multiple of 512 bytes")
+    if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 1 << 20:
+        raise InvalidArgument(f"chunk size {chunk_size} must be a power of two, 4K to 1M")
+    if max_diff is not None and max_diff < 0:
+        raise InvalidArgument("--max-diff must not be negative")
+    if full_policy not in FULL_POLICIES:
+        raise InvalidArgument(f"full policy must be one of {', '.join(FULL_POLICIES)}")
+
+
+def _snapshot_from_row(row: Any, volume: str) -> Snapshot:
+    import json
+
+    return Snapshot(
+        row["id"],
+        volume,
+        row["seq"],
+        row["epoch"],
+        row["set_id"],
+        row["created"],
+        row["state"],
+        row["label"],
+        json.loads(row["attrs"]),
+    )
+
+
+def check_consistency(engine: Engine) -> list[str]:
+    """An fsck of the engine's state: the in-memory index against the catalog, every entry
+    needed by a live snapshot, every slot used once. Returns the problems found (tests end
+    with it; `verify` will build on it)."""
+    problems: list[str] = []
+    with engine._lock:
+        for vol in engine._volumes.values():
+            problems += _check_volume(engine, vol)
+    return problems
+
+
+def _check_volume(engine: Engine, vol: CowVolume) -> list[str]:
+    problems = []
+    rows = {
+        (c, e): (ZERO if s is None else s, h) for c, e, s, h in engine.catalog.iter_chunks(vol.id)
+    }
+    mem = {(c, e[0]): (e[1], e[2]) for c, es in vol.index.items() for e in es}
+    if rows != mem:
+        problems.append(f"{vol.name}: catalog and memory index differ ({len(rows)} vs {len(mem)})")
+    slots = [s for s, _h in mem.values() if s != ZERO]
+    if len(slots) != len(set(slots)):
+        problems.append(f"{vol.name}: a diff slot is used twice")
+    if any(s in vol.diff.free for s in slots):
+        problems.append(f"{vol.name}: a used slot is on the free list")
+    for chunk, entries in vol.index.items():
+        for i in range(len(entries)):
+            if not vol.entry_needed(entries, i):
+                problems.append(f"{vol.name}: chunk {chunk} epoch {entries[i][0]} is not needed")
+    return problems

@@ -1,0 +1,80 @@
+"""The engine's devices: what front-ends read and write (see `BlockDevice` in api.py).
+
+This is an adapter layer only: every call goes straight to the engine, which owns the
+copy-on-write semantics, the locks and the range checks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import ReadOnly
+
+if TYPE_CHECKING:
+    from .cow import CowVolume, Snapshot
+    from .engine import Engine
+
+Buffer = bytes | bytearray | memoryview
+
+
+class OriginDevice:
+    """A volume's origin, read-write, with copy-on-write for its snapshots."""
+
+    readonly = False
+
+    def __init__(self, engine: Engine, vol: CowVolume) -> None:
+        self._engine = engine
+        self._vol = vol
+        self.name = vol.name
+        self.size = vol.size
+        self.chunk_size = vol.chunk_size
+        self._closed = False
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._engine.read_origin(self._vol, offset, length)
+
+    def write_nowait(self, offset: int, data: Buffer) -> bool:
+        return self._engine.write_nowait(self._vol, offset, data)
+
+    def write(self, offset: int, data: Buffer) -> None:
+        self._engine.write(self._vol, offset, data)
+
+    def flush(self) -> None:
+        self._engine.flush(self._vol)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.release_export(self._vol, None)
+
+
+class SnapshotDevice:
+    """A snapshot, read-only; pinned (not deletable without --force) while open."""
+
+    readonly = True
+
+    def __init__(self, engine: Engine, vol: CowVolume, snap: Snapshot) -> None:
+        self._engine = engine
+        self._vol = vol
+        self._snap = snap
+        self.name = snap.name
+        self.size = vol.size
+        self.chunk_size = vol.chunk_size
+        self._closed = False
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._engine.read_snapshot(self._vol, self._snap, offset, length)
+
+    def write_nowait(self, offset: int, data: Buffer) -> bool:
+        raise ReadOnly(f"snapshot {self.name} is read-only")
+
+    def write(self, offset: int, data: Buffer) -> None:
+        raise ReadOnly(f"snapshot {self.name} is read-only")
+
+    def flush(self) -> None:
+        """Nothing to flush: a snapshot's bytes are durable from its creation."""
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.release_export(self._vol, self._snap)

@@ -1,0 +1,117 @@
+"""Low-level file I/O: loops on short reads and writes, hole punching, zeroing, locks, fsync.
+
+Everything here is a thin, blocking wrapper over one system call (or a loop of them); the
+policy of when to call them lives in the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from pathlib import Path
+
+from .errors import Locked
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+BLKGETSIZE64 = 0x80081272
+BLKZEROOUT = 0x127F
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """Read exactly `length` bytes (zeroes past end of file, as a disk would)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            parts.append(bytes(length - got))
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_full(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of `data`, looping on short writes."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        offset += n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of a regular file, keeping its size."""
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")
+
+
+def zero_block_range(fd: int, offset: int, length: int) -> None:
+    """Zero a range of a block device with BLKZEROOUT (never BLKDISCARD)."""
+    fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+
+
+def device_size(fd: int) -> int:
+    """The size in bytes of an open file or block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("Q", buf)[0])
+    return st.st_size
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (after creating or removing a file in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ofd_lock(fd: int, what: str) -> None:
+    """Take an exclusive OFD lock on a whole file, or raise `Locked`.
+
+    OFD locks belong to the open file description: a second open of the same file conflicts
+    even inside the same process, which is what catches two volumes adopting one origin.
+    """
+    flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise Locked(f"{what} is in use by another process or volume") from e
+        raise
+
+
+def flock_exclusive(path: Path, what: str) -> int:
+    """Open (creating) `path` and hold an exclusive flock on it; returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            who = f" (pid {holder})" if holder else ""
+            raise Locked(f"{what} is in use by another shadowblk service{who}") from e
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -1,0 +1,117 @@
+"""The engine against a reference model (hypothesis stateful testing).
+
+The model is the obvious one: the origin is a bytearray, a snapshot is a frozen copy of it.
+After every step every live snapshot and the origin read back through the engine's devices
+must equal the model byte for byte, and the engine's fsck must find nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from shadowblk.provider.engine import Engine, check_consistency
+
+VOLUMES = {"a": (200 * 1024 + 512, 4096), "b": (192 * 1024, 16384)}  # size, chunk size
+
+
+class EngineModel(RuleBasedStateMachine):
+    snapshots = Bundle("snapshots")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="shadowblk-model-")
+        self.engine = Engine.open(self.dir)
+        self.model: dict[str, bytearray] = {}
+        for name, (size, chunk) in VOLUMES.items():
+            self.engine.create_volume(name, size=size, chunk_size=chunk, sparse=name == "b")
+            self.model[name] = bytearray(size)
+        self.snaps: dict[str, bytes] = {}
+
+    def teardown(self) -> None:
+        self.engine.close()
+        shutil.rmtree(self.dir)
+
+    @rule(
+        vol=st.sampled_from(sorted(VOLUMES)),
+        data=st.data(),
+        kind=st.sampled_from(["random", "zero", "byte"]),
+        blocking=st.booleans(),
+    )
+    def write(self, vol: str, data: st.DataObject, kind: str, blocking: bool) -> None:
+        size = len(self.model[vol])
+        offset = data.draw(st.integers(0, size - 1), label="offset")
+        length = data.draw(st.integers(1, min(size - offset, 70000)), label="length")
+        if kind == "random":
+            payload = data.draw(st.binary(min_size=length, max_size=length), label="payload")
+        else:
+            payload = bytes([0 if kind == "zero" else 0xA5]) * length
+        dev = self.engine.open_export(vol)
+        try:
+            if blocking or not dev.write_nowait(offset, payload):
+                dev.write(offset, payload)
+        finally:
+            dev.close()
+        self.model[vol][offset : offset + length] = payload
+
+    @rule(target=snapshots, vols=st.sampled_from([["a"], ["b"], ["a", "b"]]))
+    def snapshot(self, vols: list[str]) -> list[str]:
+        infos = self.engine.create_snapshot_set(vols)
+        assert [i.volume for i in infos] == vols
+        assert len({i.set for i in infos}) == 1
+        for info in infos:
+            self.snaps[info.name] = bytes(self.model[info.volume])
+        return [i.name for i in infos]
+
+    @rule(names=consumes(snapshots), which=st.integers(0, 1))
+    def delete(self, names: list[str], which: int) -> None:
+        name = names[which % len(names)]
+        self.engine.delete_snapshot(name)
+        del self.snaps[name]
+
+    @rule()
+    def flush(self) -> None:
+        for vol in VOLUMES:
+            dev = self.engine.open_export(vol)
+            dev.flush()
+            dev.close()
+
+    @precondition(lambda self: True)
+    @rule()
+    def reopen(self) -> None:
+        self.engine.close()
+        self.engine = Engine.open(self.dir)
+
+    @invariant()
+    def contents_match(self) -> None:
+        for name, expected in [*self.model.items(), *self.snaps.items()]:
+            dev = self.engine.open_export(name)
+            try:
+                got = dev.pread(0, dev.size)
+            finally:
+                dev.close()
+            assert got == expected, f"{name} differs from the model"
+        live = {s.name for s in self.engine.snapshots()}
+        assert live == set(self.snaps)
+
+    @invariant()
+    def consistent(self) -> None:
+        self.engine.flush()
+        assert check_consistency(self.engine) == []
+
+
+EngineModel.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, print_blob=True
+)
+TestEngineModel = EngineModel.TestCase
