@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -239,7 +240,9 @@ class Engine:
                 return Origin.create(vdir / f"{vid}.img", size, sparse), True
             except OSError as e:
                 raise InvalidArgument(f"cannot create a {size}-byte origin: {e.strerror}") from e
-        origin = Origin.open(Path(backing).absolute())
+        path = Path(backing).absolute()
+        self._check_not_adopted(path)
+        origin = Origin.open(path)
         try:
             self._check_adoptable(origin, size)
         except BaseException:
@@ -247,11 +250,17 @@ class Engine:
             raise
         return origin, False
 
-    def _check_adoptable(self, origin: Origin, size: int | None) -> None:
-        ident = origin.identity()
+    def _check_not_adopted(self, path: Path) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InvalidArgument(f"cannot adopt {path}: {e.strerror}") from e
+        ident = (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
         for other in self._volumes.values():
             if other.origin.identity() == ident:
-                raise Locked(f"origin {origin.path} is already volume {other.name}")
+                raise Locked(f"origin {path} is already volume {other.name}")
+
+    def _check_adoptable(self, origin: Origin, size: int | None) -> None:
         if size is not None and size != origin.size:
             raise InvalidArgument(
                 f"--size {size} does not match {origin.path}, which is {origin.size} bytes"
