@@ -128,11 +128,15 @@ class EngineAPI(ExportRegistry, Protocol):
 
     def volumes(self) -> list[VolumeInfo]: ...
 
+    unavailable: dict[str, str]  # volumes that could not be opened: name -> why
+
     def create_snapshot_set(
         self, volumes: list[str], *, label: str | None = None, hold_timeout: float = 10.0
     ) -> list[SnapshotInfo]: ...
 
-    def delete_snapshot(self, name: str) -> None: ...
+    def delete_snapshot(self, name: str, *, force: bool = False) -> None:
+        """Delete a snapshot; a pinned one (open export, mount, backup) only with `force`."""
+        ...
 
     def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]: ...
 

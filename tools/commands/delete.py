@@ -1,0 +1,40 @@
+"""`shadowblk delete NAME... | --set ID | --oldest VOLUME`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .common import call, json_option, print_json
+
+
+@click.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--set", "set_id", metavar="ID", help="Delete every snapshot of set ID.")
+@click.option("--oldest", metavar="VOLUME", help="Delete the oldest snapshot of VOLUME.")
+@json_option
+@click.pass_context
+def delete(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    set_id: str | None,
+    oldest: str | None,
+    as_json: bool,
+) -> None:
+    """Delete snapshots by name (VOLUME@N), a whole set, or a volume's oldest snapshot.
+
+    Names are checked first: if one does not exist, nothing is deleted.
+    """
+    choices: list[tuple[str, Any]] = [
+        ("names", list(names) or None), ("set", set_id), ("oldest", oldest)
+    ]
+    given = [(key, value) for key, value in choices if value is not None]
+    if len(given) != 1:
+        raise click.UsageError("give snapshot NAMEs, or --set ID, or --oldest VOLUME (one of them)")
+    result = call(ctx, "snapshot.delete", **dict(given))
+    if as_json:
+        print_json(result)
+        return
+    for name in result["deleted"]:
+        click.echo(f"deleted {name}")

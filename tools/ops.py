@@ -1,0 +1,132 @@
+"""What each control operation does: one handler per entry of `protocol.OPS`.
+
+Handlers receive arguments already checked against the schema and call the engine; every
+engine call blocks, so each runs in a worker thread through `OpContext.call`. Handlers
+return JSON-ready values and let `ShadowblkError`s through: the connection turns them into
+error replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from shadowblk.provider.api import EngineAPI, SnapshotInfo
+from shadowblk.provider.errors import InvalidArgument, NotFound, ShadowblkError
+
+from . import protocol
+
+StatsSource = Callable[[], dict[str, Any]]
+
+
+@dataclass
+class OpContext:
+    """What handlers may use: the engine, and facts about the service around it."""
+
+    engine: EngineAPI
+    service_info: StatsSource = dict
+    stats_sources: Mapping[str, StatsSource] = field(default_factory=dict)
+
+    async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run one blocking engine call in a worker thread."""
+        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+Handler = Callable[[OpContext, dict[str, Any]], Awaitable[Any]]
+
+
+async def op_status(ctx: OpContext, args: dict[str, Any]) -> Any:
+    volumes = await ctx.call(ctx.engine.volumes)
+    return {
+        **ctx.service_info(),
+        "volumes": [v.to_dict() for v in volumes],
+        "snapshots": sum(v.snapshots for v in volumes),
+        "diff_bytes": sum(v.diff_bytes for v in volumes),
+    }
+
+
+async def op_stats(ctx: OpContext, args: dict[str, Any]) -> Any:
+    stats = {name: source() for name, source in ctx.stats_sources.items()}
+    stats["engine"] = await ctx.call(ctx.engine.statistics)
+    return stats
+
+
+async def op_volume_create(ctx: OpContext, args: dict[str, Any]) -> Any:
+    kwargs = dict(args)
+    name = kwargs.pop("name")
+    info = await ctx.call(ctx.engine.create_volume, name, **kwargs)
+    return info.to_dict()
+
+
+async def op_volume_list(ctx: OpContext, args: dict[str, Any]) -> Any:
+    return [v.to_dict() for v in await ctx.call(ctx.engine.volumes)]
+
+
+async def op_volume_remove(ctx: OpContext, args: dict[str, Any]) -> Any:
+    await ctx.call(ctx.engine.remove_volume, args["name"])
+    return {"removed": args["name"]}
+
+
+async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
+    snaps: list[SnapshotInfo] = await ctx.call(
+        ctx.engine.create_snapshot_set, args["volumes"], label=args.get("label")
+    )
+    return {"set": snaps[0].set if snaps else None, "snapshots": [s.to_dict() for s in snaps]}
+
+
+async def op_snapshot_list(ctx: OpContext, args: dict[str, Any]) -> Any:
+    snaps = await ctx.call(ctx.engine.snapshots, args.get("volume"))
+    return [s.to_dict() for s in snaps]
+
+
+async def op_snapshot_delete(ctx: OpContext, args: dict[str, Any]) -> Any:
+    if len(args) != 1:
+        raise InvalidArgument("snapshot.delete: give exactly one of names, set, oldest")
+    names = await ctx.call(_select_for_delete, ctx.engine, args)
+    for done, name in enumerate(names):
+        try:
+            await ctx.call(ctx.engine.delete_snapshot, name)
+        except ShadowblkError as exc:
+            if done:  # say what did happen: the error alone would suggest nothing was deleted
+                exc.message = f"deleted {', '.join(names[:done])}, then {name}: {exc.message}"
+            raise
+    return {"deleted": names}
+
+
+def _select_for_delete(engine: EngineAPI, args: dict[str, Any]) -> list[str]:
+    """The snapshot names a delete request means; NotFound before anything is deleted."""
+    if "oldest" in args:
+        snaps = engine.snapshots(args["oldest"])
+        if not snaps:
+            raise NotFound(f"volume {args['oldest']} has no snapshot")
+        return [min(snaps, key=lambda s: s.seq).name]
+    snaps = engine.snapshots()
+    if "set" in args:
+        members = [s.name for s in snaps if s.set == args["set"]]
+        if not members:
+            raise NotFound(f"no snapshot set {args['set']}")
+        return members
+    known = {s.name for s in snaps}
+    missing = [n for n in args["names"] if n not in known]
+    if missing:
+        raise NotFound(f"no snapshot {', '.join(missing)}")
+    return list(dict.fromkeys(args["names"]))
+
+
+HANDLERS: dict[str, Handler] = {
+    "status": op_status,
+    "stats": op_stats,
+    "volume.create": op_volume_create,
+    "volume.list": op_volume_list,
+    "volume.remove": op_volume_remove,
+    "snapshot.create": op_snapshot_create,
+    "snapshot.list": op_snapshot_list,
+    "snapshot.delete": op_snapshot_delete,
+}
+
+if set(HANDLERS) != set(protocol.OPS):  # the schema and the handlers are one table's halves
+    raise ImportError(f"control ops without handler or schema: {set(HANDLERS) ^ set(protocol.OPS)}")

@@ -1,0 +1,153 @@
+"""`shadowblk serve`: the service, in the foreground.
+
+Lifetime, in order:
+1. SIGINT/SIGTERM are watched from the start; either one cancels everything below.
+2. The state directory is created if missing and the engine opened (`Engine.open` takes the
+   state directory's lock: a second service there gets `Locked`).
+3. `--init-volume` volumes that do not exist yet are created.
+4. One nursery runs the NBD server (`<state>/nbd.sock`) and the control server
+   (`<state>/control.sock`); once both listen, readiness is reported (task_status and a
+   "ready" log line naming both sockets).
+5. On a signal: the listeners stop accepting, their connections are closed (in-flight engine
+   calls finish first: worker threads are never abandoned), then the engine is closed from
+   the exit stack, shielded from the cancellation, and `run` returns normally (exit 0).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from shadowblk.provider.api import EngineAPI
+from shadowblk.provider.engine import Engine
+from shadowblk.provider.nbd.server import NBDServer
+
+from .client import CONTROL_SOCKET, NBD_SOCKET
+from .control import ControlServer
+from .ops import OpContext, StatsSource
+from .units import format_size
+
+log = logging.getLogger("shadowblk.service")
+
+
+@dataclass
+class ServiceConfig:
+    state_dir: Path
+    init_volumes: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Service:
+    def __init__(self, config: ServiceConfig) -> None:
+        self.state_dir = Path(os.path.abspath(config.state_dir))
+        self.control_path = self.state_dir / CONTROL_SOCKET
+        self.nbd_path = self.state_dir / NBD_SOCKET
+        self.init_volumes = config.init_volumes
+        self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self.nbd: NBDServer | None = None  # set while serving
+        self.control: ControlServer | None = None  # set while serving; pushes events
+
+    def info(self) -> dict[str, Any]:
+        """What `status` says about the service itself."""
+        return {
+            "service": {
+                "pid": os.getpid(),
+                "state_dir": str(self.state_dir),
+                "version": _version(),
+                "started": self.started,
+            },
+            "listeners": {"control": str(self.control_path), "nbd": str(self.nbd_path)},
+        }
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until SIGINT or SIGTERM; then shut down cleanly and return.
+
+        A failure (say `Locked` from `Engine.open`) is raised as itself, not wrapped in the
+        nurseries' exception groups, so the CLI can report it in one line.
+        """
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                    await self._serve(task_status)
+        except BaseExceptionGroup as group:
+            sole = _sole_exception(group)
+            if sole is None:
+                raise
+            raise sole from None
+
+    async def _serve(self, task_status: trio.TaskStatus[Service]) -> None:
+        async with AsyncExitStack() as stack:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            engine = await trio.to_thread.run_sync(Engine.open, self.state_dir)
+            stack.push_async_callback(_close_engine, engine)
+            await trio.to_thread.run_sync(self._create_init_volumes, engine)
+            async with trio.open_nursery() as servers:
+                await self._start_servers(engine, servers)
+                log.info(
+                    "ready: control socket %s, NBD socket %s (pid %d)",
+                    self.control_path, self.nbd_path, os.getpid(),
+                )
+                task_status.started(self)
+                await trio.sleep_forever()
+
+    async def _start_servers(self, engine: EngineAPI, servers: trio.Nursery) -> None:
+        self.nbd = NBDServer(engine)
+        await servers.start(self.nbd.serve_unix, self.nbd_path)
+        stats: dict[str, StatsSource] = {"nbd": self.nbd.statistics}
+        self.control = ControlServer(OpContext(engine, self.info, stats))
+        stats["control"] = self.control.statistics
+        await servers.start(self.control.serve_unix, self.control_path)
+
+    def _create_init_volumes(self, engine: EngineAPI) -> None:
+        existing = {v.name: v for v in engine.volumes()}
+        for name, size in self.init_volumes:
+            if name in existing:
+                if existing[name].size != size:
+                    log.warning(
+                        "volume %s exists with size %s; --init-volume %s=%s left it as it is",
+                        name, format_size(existing[name].size), name, format_size(size),
+                    )
+                continue
+            info = engine.create_volume(name, size=size)
+            log.info("created volume %s (%s) at %s", name, format_size(info.size), info.origin)
+
+
+async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
+async def _close_engine(engine: EngineAPI) -> None:
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(engine.close)
+    log.info("engine closed")
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside nested single-member groups; None if there are several."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _version() -> str:
+    try:
+        return metadata.version("shadowblk")
+    except metadata.PackageNotFoundError:
+        return "unknown"
