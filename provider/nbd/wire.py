@@ -12,7 +12,7 @@ import trio
 
 from .protocol import Buffer, Disconnect
 
-RECEIVE_CHUNK = 256 * 1024  # ask the kernel for at least this much per receive
+RECEIVE_CHUNK = 64 * 1024  # ask the kernel for at least this much per receive
 RECEIVE_CAP = 4 * 1024 * 1024  # and never more than this (each receive allocates it)
 JOIN_LIMIT = 64 * 1024  # smaller payloads are joined to their header: one send
 

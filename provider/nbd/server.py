@@ -1,0 +1,181 @@
+"""The built-in NBD server, on trio: a protocol adapter only.
+
+It translates NBD requests into `BlockDevice` calls (offsets in, bytes or errors out); all
+snapshot semantics live in the engine. Spec: NetworkBlockDevice/nbd doc/proto.md.
+
+Design notes
+------------
+Layers. `NBDServer` owns the listeners and the statistics. Each accepted stream runs
+`handle_stream`: a `Wire` (buffered receive, locked send), then a `Handshake`
+(handshake.py), then, if an export was chosen, a `Transmission` (transmission.py). Listener
+code (`serve_unix`; `serve_tcp` in issue 3) never touches the protocol.
+
+States of a connection: GREETING → OPTIONS → TRANSMISSION → closed, or OPTIONS → closed
+(NBD_OPT_ABORT, a malformed handshake, a refused NBD_OPT_EXPORT_NAME). Whatever the way
+out, `handle_stream` closes the export first (`BlockDevice.close`, shielded from
+cancellation, so a snapshot is always unpinned), then the stream.
+
+What runs where. All protocol code runs in trio tasks. Engine calls that never block for
+long run inline in the connection's reader task, with no await between parsing a request
+and calling the engine: `pread` and `write_nowait` (inline ~3 µs; a worker thread costs
+~60 µs). Calls that may block run in worker threads (`trio.to_thread.run_sync`): registry
+look-ups and `open_export` during the handshake, `close`, and in transmission `flush`,
+`write` (after `write_nowait` returned False) and a FUA write's flush, each from a child
+task of the connection so the reader keeps reading and replies go out of order.
+
+Locking. One lock per connection, the send lock in `Wire`: a reply (header and data) is
+sent as a unit, by the reader or by a child task. Only the reader receives. The engine is
+thread-safe and needs nothing from us. Counters change only in trio tasks (one thread);
+`statistics()` returns a copy and may be called from any thread.
+
+Failures stay in their connection: a protocol violation, a broken stream or a bug in a
+handler ends that connection only (logged); `handle_stream` never raises except on
+cancellation. An engine error in a request becomes that request's NBD error (ShadowblkError
+by its errno; anything unexpected EIO, logged) and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from collections import Counter
+
+import trio
+
+from ..api import BlockDevice, ExportRegistry
+from ..errors import InvalidArgument, Locked
+from .handshake import Handshake, release_export
+from .protocol import Disconnect
+from .transmission import Transmission
+from .wire import PeerClosed, Wire
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ENDS = (Disconnect, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class NBDServer:
+    def __init__(self, registry: ExportRegistry) -> None:
+        self._registry = registry
+        self._counters: Counter[str] = Counter(
+            connections_open=0, connections_total=0, requests_served=0, request_errors=0
+        )
+
+    def statistics(self) -> dict[str, int]:
+        """connections_open, connections_total, requests_served, request_errors."""
+        return dict(self._counters)
+
+    async def serve_unix(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Remove a stale socket file, bind, chmod 0600, task_status.started(), serve until
+        cancelled; the socket file is removed on the way out. A socket file someone still
+        listens on raises `Locked`; any other file there, `InvalidArgument`."""
+        path = os.fspath(path)
+        listener, identity = await _open_unix_listener(path)
+        try:
+            await self._serve([listener], task_status)
+        finally:
+            _remove_if_same(path, identity)
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
+            task_status.started()
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to its end. Never raises, except trio.Cancelled."""
+        self._counters["connections_open"] += 1
+        self._counters["connections_total"] += 1
+        wire = Wire(stream, self._counters["connections_total"])
+        handshake = Handshake(wire, self._registry)
+        try:
+            await self._converse(wire, handshake)
+        finally:
+            await self._end(wire, handshake.device)
+
+    async def _converse(self, wire: Wire, handshake: Handshake) -> None:
+        try:
+            device = await handshake.run()
+            if device is not None:
+                session = handshake.session
+                await Transmission(wire, device, session, self._counters).run()
+        except PeerClosed as exc:
+            level = logging.DEBUG if exc.clean else logging.INFO
+            log.log(level, "nbd conn %d: client left in %s", wire.ident, handshake.state.value)
+        except _CONNECTION_ENDS as exc:
+            log.info("nbd conn %d: closed in %s: %r", wire.ident, handshake.state.value, exc)
+        except Exception:
+            log.exception("nbd conn %d: failed in %s", wire.ident, handshake.state.value)
+
+    async def _end(self, wire: Wire, device: BlockDevice | None) -> None:
+        """Close the export, then the stream: a client that sees end of stream knows its
+        export is released."""
+        if device is not None:
+            await release_export(device)
+        self._counters["connections_open"] -= 1
+        await trio.aclose_forcefully(wire.stream)
+        log.debug("nbd conn %d: closed", wire.ident)
+
+
+# Listeners.
+
+
+async def _open_unix_listener(path: str) -> tuple[trio.SocketListener, tuple[int, int]]:
+    """Bind, then chmod, then listen: nobody can connect before the mode is 0600.
+    Returns the listener and the identity of its socket file."""
+    await _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        identity = _identity(path)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock), identity
+
+
+async def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on; refuse a live one, or anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidArgument(f"{path} exists and is not a socket; move it away")
+    if await _answers(path):
+        raise Locked(f"{path}: another server is listening there")
+    log.info("nbd: removing stale socket %s", path)
+    os.unlink(path)
+
+
+async def _answers(path: str) -> bool:
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            await probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def _remove_if_same(path: str, identity: tuple[int, int]) -> None:
+    """Unlink our socket file, unless someone else has replaced it since."""
+    try:
+        if _identity(path) == identity:
+            os.unlink(path)
+    except OSError as exc:
+        log.debug("nbd: leaving %s: %s", path, exc)

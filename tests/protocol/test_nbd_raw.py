@@ -1,0 +1,290 @@
+"""Raw-socket exchanges: exact bytes, malformed handshakes and requests, isolation."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shadowblk.provider.api import ExportRegistry
+
+Connect = Callable[..., Any]
+Reference = Callable[[str, int, int], bytes]
+RawFactory = Callable[[], Any]
+
+IHAVEOPT = 0x49484156454F5054
+NBDMAGIC = 0x4E42444D41474943
+REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
+REP_ERR_UNSUP, REP_ERR_INVALID, REP_ERR_UNKNOWN = 2**31 + 1, 2**31 + 3, 2**31 + 6
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
+EPERM, EINVAL, ENOSPC = 1, 22, 28
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Malformed input is the client's fault: the server logs no error for it."""
+    yield
+    errors = [r for r in caplog.records if r.name.startswith("shadowblk") and r.levelno >= 40]
+    assert errors == []
+
+
+def assert_still_serving(raw: RawFactory, reference: Reference) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(CMD_READ, 4096, 512, handle=77)
+    assert client.reply(512) == (0, 77, reference("vol", 4096, 512))
+
+
+def export_size(registry: ExportRegistry, name: str) -> int:
+    device = registry.open_export(name)
+    device.close()
+    return int(device.size)
+
+
+def info_data(name: str, *infos: int) -> bytes:
+    raw_name = name.encode()
+    packed = struct.pack(f">H{len(infos)}H", len(infos), *infos)
+    return struct.pack(">I", len(raw_name)) + raw_name + packed
+
+
+# The handshake, byte for byte.
+
+
+def test_greeting_advertises_fixed_newstyle_and_no_zeroes(raw: RawFactory) -> None:
+    assert raw().greeting() == (NBDMAGIC, IHAVEOPT, 0b11)
+
+
+def test_export_name_reply_with_and_without_padding(raw: RawFactory, reference: Reference) -> None:
+    for flags, padding in [(1, 124), (3, 0)]:
+        client = raw()
+        client.greeting()
+        client.sock.sendall(struct.pack(">I", flags))
+        client.send_option(OPT_EXPORT_NAME, b"vol@1")
+        size, tflags = struct.unpack(">QH", client.recv_exactly(10))
+        assert tflags == 0b1111  # HAS_FLAGS, READ_ONLY, SEND_FLUSH, SEND_FUA
+        assert client.recv_exactly(padding) == bytes(padding)
+        client.request(CMD_READ, 0, 8, handle=5)
+        assert client.reply(8) == (0, 5, reference("vol@1", 0, 8))
+
+
+def test_list_and_unknown_options(raw: RawFactory, registry: ExportRegistry) -> None:
+    client = raw()
+    client.greeting()
+    client.sock.sendall(struct.pack(">I", 1))
+    client.send_option(OPT_LIST)
+    names = []
+    while (reply := client.option_reply())[1] == REP_SERVER:
+        (length,) = struct.unpack_from(">I", reply[2])
+        names.append(reply[2][4 : 4 + length].decode())
+    assert reply[:2] == (OPT_LIST, REP_ACK)
+    assert names == [name for name, _ in registry.export_names()]
+    for option in (5, 8, 9, 10, 11, 4, 0, 12345):  # STARTTLS, structured replies, ...
+        client.send_option(option, b"some data")
+        assert client.option_reply()[:2] == (option, REP_ERR_UNSUP)
+    client.send_option(OPT_LIST, b"x")
+    assert client.option_reply()[:2] == (OPT_LIST, REP_ERR_INVALID)
+    client.send_option(OPT_ABORT)
+    assert client.option_reply()[:2] == (OPT_ABORT, REP_ACK)
+    client.assert_closed()
+
+
+def test_info_replies(raw: RawFactory, registry: ExportRegistry) -> None:
+    client = raw()
+    client.greeting()
+    client.sock.sendall(struct.pack(">I", 3))
+    client.send_option(OPT_INFO, info_data("vol", 3, 1, 2, 3, 999))
+    infos = {}
+    while (reply := client.option_reply())[1] == REP_INFO:
+        (kind,) = struct.unpack_from(">H", reply[2])
+        infos[kind] = reply[2][2:]
+    assert reply[:2] == (OPT_INFO, REP_ACK)
+    assert sorted(infos) == [0, 1, 2, 3]
+    assert struct.unpack(">QH", infos[0]) == (export_size(registry, "vol"), 0b1101)
+    assert infos[1] == b"vol"
+    assert infos[2].decode() == dict(registry.export_names())["vol"]
+    assert struct.unpack(">III", infos[3])[::2] == (1, 32 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("data", "reply"),
+    [
+        (info_data("nope"), REP_ERR_UNKNOWN),
+        (info_data("vol")[:-1], REP_ERR_INVALID),  # count overruns the data
+        (info_data("vol") + b"\0", REP_ERR_INVALID),  # trailing bytes
+        (struct.pack(">I", 99) + b"vol\0\0", REP_ERR_INVALID),  # name overruns
+        (b"\0\0", REP_ERR_INVALID),
+        (struct.pack(">I", 3) + b"\xff\xfe\xfd" + b"\0\0", REP_ERR_INVALID),  # not UTF-8
+    ],
+)
+def test_bad_go_is_refused_and_haggling_goes_on(
+    raw: RawFactory, reference: Reference, data: bytes, reply: int
+) -> None:
+    client = raw()
+    client.greeting()
+    client.sock.sendall(struct.pack(">I", 1))
+    client.send_option(OPT_GO, data)
+    assert client.option_reply()[:2] == (OPT_GO, reply)
+    client.send_option(OPT_GO, info_data("vol"))
+    while (answer := client.option_reply())[1] == REP_INFO:
+        pass
+    assert answer[:2] == (OPT_GO, REP_ACK)
+    client.request(CMD_READ, 0, 4, handle=9)
+    assert client.reply(4) == (0, 9, reference("vol", 0, 4))
+
+
+# Malformed handshakes: closed cleanly, and the server goes on.
+
+OPTION = struct.Struct(">QII")
+MALFORMED = {
+    "unknown-client-flag": (struct.pack(">I", 1 << 2), False),
+    "all-client-flags": (struct.pack(">I", 0xFFFFFFFF), False),
+    "truncated-client-flags": (b"\0\0", True),
+    "bad-option-magic": (struct.pack(">I", 1) + OPTION.pack(NBDMAGIC, OPT_GO, 0), False),
+    "huge-option-length": (struct.pack(">I", 1) + OPTION.pack(IHAVEOPT, OPT_GO, 2**32 - 1), False),
+    "truncated-option-header": (struct.pack(">I", 1) + OPTION.pack(IHAVEOPT, OPT_GO, 9)[:12], True),
+    "truncated-option": (
+        struct.pack(">I", 1) + OPTION.pack(IHAVEOPT, OPT_GO, 100) + b"x" * 9,
+        True,
+    ),
+    "list-without-fixed-newstyle": (
+        struct.pack(">I", 0) + OPTION.pack(IHAVEOPT, OPT_LIST, 0),
+        False,
+    ),
+    "unknown-export-name": (
+        struct.pack(">I", 1) + OPTION.pack(IHAVEOPT, OPT_EXPORT_NAME, 4) + b"nope",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_handshake_closes_cleanly(
+    raw: RawFactory, server: Any, reference: Reference, no_errors_logged: None, case: str
+) -> None:
+    data, half_close = MALFORMED[case]
+    client = raw()
+    client.greeting()
+    client.sock.sendall(data)
+    if half_close:
+        client.sock.shutdown(socket.SHUT_WR)
+    client.assert_closed()
+    assert server.statistics()["connections_open"] == 0
+    assert_still_serving(raw, reference)
+
+
+def test_client_that_leaves_at_once(
+    raw: RawFactory, server: Any, reference: Reference, no_errors_logged: None
+) -> None:
+    client = raw()
+    client.sock.shutdown(socket.SHUT_WR)
+    client.greeting()
+    client.assert_closed()
+    assert server.statistics()["connections_open"] == 0
+    assert_still_serving(raw, reference)
+
+
+# Transmission, byte for byte.
+
+
+def test_unknown_command_and_unknown_flags_are_einval(
+    raw: RawFactory, reference: Reference, no_errors_logged: None
+) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(99, 0, 512, handle=1)
+    assert client.reply() == (EINVAL, 1, b"")
+    client.request(CMD_READ, 0, 512, flags=1 << 7, handle=2)
+    assert client.reply() == (EINVAL, 2, b"")
+    client.request(CMD_WRITE, 0, 4, flags=1 << 2, handle=3, payload=b"abcd")  # DF on a write
+    assert client.reply() == (EINVAL, 3, b"")
+    assert reference("vol", 0, 4) != b"abcd"
+    client.request(CMD_READ, 0, 512, flags=1, handle=4)  # FUA is accepted on any command
+    assert client.reply(512) == (0, 4, reference("vol", 0, 512))
+
+
+def test_bad_request_magic_disconnects(
+    raw: RawFactory, server: Any, fake: Any, reference: Reference, no_errors_logged: None
+) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(CMD_READ, 0, 512, magic=0x12345678)
+    client.assert_closed()
+    assert fake.open_devices == []  # released before the stream was closed
+    assert server.statistics()["connections_open"] == 0
+    assert_still_serving(raw, reference)
+
+
+def test_disconnect_answers_requests_in_flight_then_closes(
+    raw: RawFactory, fake: Any, reference: Reference
+) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(CMD_WRITE, 0, 4, flags=1, handle=1, payload=b"wxyz")  # FUA: in a thread
+    client.request(CMD_FLUSH, handle=2)
+    client.request(CMD_DISC, handle=3)
+    replies = {client.reply()[:2] for _ in range(2)}
+    assert replies == {(0, 1), (0, 2)}
+    client.assert_closed()
+    assert fake.open_devices == []
+    assert fake.durable_pread("vol", 0, 4) == b"wxyz"
+
+
+def test_write_payload_above_32_mib_is_discarded_with_einval(
+    raw: RawFactory, reference: Reference, no_errors_logged: None
+) -> None:
+    client = raw()
+    client.go("vol")
+    before = reference("vol", 0, 16)
+    length = 32 * MiB + 1
+    client.request(CMD_WRITE, 0, length, handle=1, payload=b"\x99" * length)
+    assert client.reply() == (EINVAL, 1, b"")
+    assert reference("vol", 0, 16) == before
+    client.request(CMD_READ, 0, 16, handle=2)  # the payload was consumed: still in step
+    assert client.reply(16) == (0, 2, before)
+
+
+def test_absurd_write_payload_disconnects(
+    raw: RawFactory, server: Any, reference: Reference, no_errors_logged: None
+) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(CMD_WRITE, 0, 2**32 - 1, handle=1)
+    client.assert_closed()
+    assert_still_serving(raw, reference)
+
+
+def test_write_errors_consume_the_payload(
+    raw: RawFactory, registry: ExportRegistry, reference: Reference
+) -> None:
+    client = raw()
+    client.go("vol@1")
+    client.request(CMD_WRITE, 0, 4096, handle=1, payload=b"\x01" * 4096)
+    assert client.reply() == (EPERM, 1, b"")
+    client.request(CMD_READ, 0, 8, handle=2)
+    assert client.reply(8) == (0, 2, reference("vol@1", 0, 8))
+    client = raw()
+    client.go("vol")
+    end = export_size(registry, "vol")
+    client.request(CMD_WRITE, end - 8, 4096, handle=3, payload=b"\x02" * 4096)
+    assert client.reply() == (ENOSPC, 3, b"")
+    client.request(CMD_READ, end - 8, 8, handle=4)
+    assert client.reply(8) == (0, 4, reference("vol", end - 8, 8))
+
+
+def test_a_broken_connection_leaves_others_alone(
+    raw: RawFactory, connect: Connect, reference: Reference, no_errors_logged: None
+) -> None:
+    h = connect("vol")
+    h.pwrite(b"first", 0)
+    bad = raw()
+    bad.go("vol")
+    bad.request(CMD_READ, 0, 1, magic=0)
+    bad.assert_closed()
+    h.pwrite(b"second", 8)
+    assert h.pread(5, 0) == b"first"
+    assert reference("vol", 8, 6) == b"second"
