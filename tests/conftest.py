@@ -65,6 +65,7 @@ class ServiceProcess:
     state_dir: Path
     log_path: Path
     cli: Cli
+    killed: bool = False
 
     @property
     def control_socket(self) -> Path:
@@ -80,8 +81,17 @@ class ServiceProcess:
         except FileNotFoundError:
             return f"(no log: {self.log_path} is gone)"
 
+    def kill(self) -> None:
+        """SIGKILL (a crash): `stop` and the fixtures then expect no clean exit from it."""
+        self.process.kill()
+        self.process.wait()
+        self.killed = True
+
     def stop(self) -> int:
-        """SIGTERM, wait, and return the exit code (SIGKILL if it does not stop)."""
+        """SIGTERM, wait, and return the exit code (SIGKILL if it does not stop); 0 for a
+        service this test killed on purpose."""
+        if self.killed:
+            return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
