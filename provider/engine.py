@@ -749,6 +749,7 @@ class Engine:
                 overlay_bytes=self._overlay_bytes,
                 volumes=volumes,
                 unavailable=dict(self.unavailable),
+                exports=dict(self._exports),
             )
 
 

@@ -84,12 +84,13 @@ async def op_snapshot_list(ctx: OpContext, args: dict[str, Any]) -> Any:
 
 
 async def op_snapshot_delete(ctx: OpContext, args: dict[str, Any]) -> Any:
+    force = bool(args.pop("force", False))
     if len(args) != 1:
         raise InvalidArgument("snapshot.delete: give exactly one of names, set, oldest")
     names = await ctx.call(_select_for_delete, ctx.engine, args)
     for done, name in enumerate(names):
         try:
-            await ctx.call(ctx.engine.delete_snapshot, name)
+            await ctx.call(ctx.engine.delete_snapshot, name, force=force)
         except ShadowblkError as exc:
             if done:  # say what did happen: the error alone would suggest nothing was deleted
                 exc.message = f"deleted {', '.join(names[:done])}, then {name}: {exc.message}"

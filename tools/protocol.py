@@ -83,7 +83,12 @@ OPS: dict[str, dict[str, Arg]] = {
     "snapshot.create": {"volumes": Arg(NAMES, required=True), "label": Arg(TEXT)},
     "snapshot.list": {"volume": Arg(NAME)},
     # exactly one of the three: checked by the operation
-    "snapshot.delete": {"names": Arg(NAMES), "set": Arg(NAME), "oldest": Arg(NAME)},
+    "snapshot.delete": {
+        "names": Arg(NAMES),
+        "set": Arg(NAME),
+        "oldest": Arg(NAME),
+        "force": Arg(FLAG),
+    },
 }
 
 REQUEST_KEYS = frozenset({"id", "op", "args"})

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nbd
+
 if TYPE_CHECKING:  # the shared fixtures' types, from tests/conftest.py
     from conftest import Cli, ServiceProcess
 
@@ -63,7 +65,10 @@ def test_volume_create_list_remove(service: ServiceProcess, short_tmp: Path) -> 
     cli = service.cli
     made = cli.json("volume", "create", "vol0", "--size", "1M", "--chunk-size", "4K", "--sparse")
     assert (made["name"], made["size"], made["chunk_size"], made["sparse"]) == (
-        "vol0", 1 << 20, 4096, True
+        "vol0",
+        1 << 20,
+        4096,
+        True,
     )
     (short_tmp / "disk.img").write_bytes(b"\0" * (64 << 10))
     cli.run("volume", "create", "adopted", "--backing", "disk.img", cwd=short_tmp)
@@ -163,3 +168,23 @@ def test_status_of_a_service_that_never_answers_is_not_0(cli: Cli, state_dir: Pa
         mute.listen(8)  # connections are accepted by the kernel, never answered
         proc = cli.run("status", "--timeout", "0.2", expect=1)
     assert one_line(proc.stderr).startswith("shadowblk: no-answer: ")
+
+
+def test_a_snapshot_in_use_is_deleted_only_with_force(service: ServiceProcess) -> None:
+    service.cli.run("volume", "create", "v", "--size", "1M")
+    service.cli.run("create", "v")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///v@1?socket={service.nbd_socket}")
+    try:
+        busy = service.cli.run("delete", "v@1", expect=1)
+        assert busy.stderr.startswith("shadowblk: busy:"), busy.stderr
+        assert [s["name"] for s in service.cli.json("list")] == ["v@1"]
+        service.cli.run("delete", "--force", "v@1")
+        assert service.cli.json("list") == []
+        try:
+            h.pread(4096, 0)
+            raise AssertionError("a read of a deleted snapshot succeeded")
+        except nbd.Error as e:
+            assert e.errno is not None
+    finally:
+        h.shutdown()

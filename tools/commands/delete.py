@@ -13,6 +13,11 @@ from .common import call, json_option, print_json
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--set", "set_id", metavar="ID", help="Delete every snapshot of set ID.")
 @click.option("--oldest", metavar="VOLUME", help="Delete the oldest snapshot of VOLUME.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete even a snapshot in use (exported to a connected client); without it, busy.",
+)
 @json_option
 @click.pass_context
 def delete(
@@ -20,11 +25,13 @@ def delete(
     names: tuple[str, ...],
     set_id: str | None,
     oldest: str | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Delete snapshots by name (VOLUME@N), a whole set, or a volume's oldest snapshot.
 
-    Names are checked first: if one does not exist, nothing is deleted.
+    Names are checked first: if one does not exist, nothing is deleted. A snapshot in use
+    (an NBD client has it open) is refused with `busy` unless --force.
     """
     choices: list[tuple[str, Any]] = [
         ("names", list(names) or None), ("set", set_id), ("oldest", oldest)
@@ -32,7 +39,7 @@ def delete(
     given = [(key, value) for key, value in choices if value is not None]
     if len(given) != 1:
         raise click.UsageError("give snapshot NAMEs, or --set ID, or --oldest VOLUME (one of them)")
-    result = call(ctx, "snapshot.delete", **dict(given))
+    result = call(ctx, "snapshot.delete", **dict(given), **({"force": True} if force else {}))
     if as_json:
         print_json(result)
         return
