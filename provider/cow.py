@@ -98,6 +98,7 @@ class CowVolume:
         self.done = BitMap64()
         self.pending: dict[int, Pending] = {}
         self.held = 0  # > 0 while a snapshot set holds this volume's writes
+        self.warned = False  # the 90 % warning was logged
 
     # --- loading -------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ A crash after the commit leaves free slots unpunched: `open` punches every free 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -57,6 +58,7 @@ from .errors import (
     Busy,
     DamagedData,
     HoldTimeout,
+    InsufficientStorage,
     InvalidArgument,
     Locked,
     MaxSnapshots,
@@ -76,6 +78,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 OVERLAY_CAP = 64 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
 MAX_BATCH = 512  # preserves per group commit
 MAX_SNAPSHOTS = 512
+APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_write
 
 
 def utc_now() -> str:
@@ -591,25 +594,73 @@ class Engine:
     ) -> bool:
         _check_range(vol, offset, len(data))
         with self._lock:
-            return self._try_write(vol, offset, data)
+            if vol.row["full_policy"] == "fail-writes" and vol.new_preserves(offset, len(data)):
+                return False  # under fail-writes nothing that needs a preserve is acked early
+            return self._try_write(vol, offset, data) == APPLIED
 
     def write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Apply a write, waiting out holds and backpressure, making room in a full diff area
+        by the volume's policy (or raising `InsufficientStorage` under fail-writes)."""
         _check_range(vol, offset, len(data))
-        with self._cond:
-            while not self._try_write(vol, offset, data):
-                self._cond.wait()
+        while True:
+            with self._cond:
+                while (status := self._try_write(vol, offset, data)) == WAIT:
+                    self._cond.wait()
+                seq = self._queued_seq
+            if status == APPLIED:
+                break
+            self._make_room(vol)
+        if vol.row["full_policy"] == "fail-writes":
+            with self._cond:
+                while self._applied_seq < seq:
+                    self._cond.wait()
 
-    def _try_write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Apply a write unless writes are held or the overlay has no room (lock held)."""
+    def _try_write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> str:
+        """Apply a write unless writes are held, the overlay has no room (WAIT) or the diff
+        area has no room for its preserves (FULL). Lock held."""
         if vol.held:
-            return False
-        if vol.live_epochs and self._overlay_bytes:
-            n = vol.new_preserves(offset, len(data))
-            if n and self._overlay_bytes + n * vol.chunk_size > OVERLAY_CAP:
-                return False
+            return WAIT
+        n = vol.new_preserves(offset, len(data)) if vol.live_epochs else 0
+        if n and self._overlay_bytes and self._overlay_bytes + n * vol.chunk_size > OVERLAY_CAP:
+            return WAIT
+        if n and not self._has_room(vol, n * vol.chunk_size):
+            return FULL
         vol.apply_write(offset, data, self._start_preserve)
         self.stats["writes"] += 1
-        return True
+        return APPLIED
+
+    def _has_room(self, vol: CowVolume, need: int) -> bool:
+        """Can the diff area take `need` more bytes? (the reservation made before an ack)"""
+        used = vol.diff.used_bytes()
+        limit = vol.row["max_diff"]
+        if limit is not None:
+            if used + need > limit:
+                return False
+            if used + need > limit * 0.9 and not vol.warned:
+                vol.warned = True
+                log.warning("volume %s: diff area above 90%% of its %d-byte limit", vol.name, limit)
+        st = os.statvfs(vol.diff.path)
+        floor = st.f_blocks * st.f_frsize // 20  # keep 5 % of the filesystem free
+        return st.f_bavail * st.f_frsize - self._overlay_bytes - need >= floor
+
+    def _make_room(self, vol: CowVolume) -> None:
+        """The diff area is full: apply the volume's full policy (blocking)."""
+        policy = vol.row["full_policy"]
+        with self._lock:
+            snaps = sorted(vol.snapshots.values(), key=lambda s: s.seq)
+        if policy == "fail-writes" or not snaps:
+            raise InsufficientStorage(
+                f"the diff area of volume {vol.name} is full (policy {policy})"
+            )
+        if policy == "invalidate":
+            victims = snaps
+        else:  # delete-oldest: the oldest not in use, or the oldest if all are
+            victims = [next((s for s in snaps if not s.pins), snaps[0])]
+        for snap in victims:
+            log.warning("volume %s: diff area full: deleting %s (%s)", vol.name, snap.name, policy)
+            with contextlib.suppress(NotFound):  # deleted meanwhile: room was made anyway
+                self.delete_snapshot(snap.name, force=True)
+        vol.warned = False
 
     def _start_preserve(self, vol: CowVolume, chunk: int) -> Pending:
         old = vol.origin.pread(chunk * vol.chunk_size, vol.chunk_len(chunk))

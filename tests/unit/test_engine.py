@@ -17,6 +17,7 @@ from shadowblk.provider.errors import (
     Busy,
     DamagedData,
     FormatError,
+    InsufficientStorage,
     InvalidArgument,
     Locked,
     NotFound,
@@ -261,3 +262,46 @@ def test_huge_sparse_volume_snapshots_without_a_scan(engine: Engine) -> None:
     assert read(engine, "big@1", (15 << 40) - 4096) == b"e" * 4096
     engine.flush()
     assert engine.statistics()["volumes"]["big"]["changed_chunks"] == 1
+
+
+def fill_after_snapshots(engine: Engine, count: int, chunks: int) -> None:
+    """`count` snapshots, each followed by an overwrite of the first `chunks` chunks."""
+    for _ in range(count):
+        engine.create_snapshot_set(["v"])
+        write(engine, "v", 0, os.urandom(chunks * CHUNK))
+
+
+@pytest.mark.parametrize("policy", ["delete-oldest", "invalidate"])
+def test_a_full_diff_area_never_fails_the_write(engine: Engine, policy: str) -> None:
+    engine.create_volume("v", size=4 << 20, max_diff=20 * CHUNK, full_policy=policy)
+    write(engine, "v", 0, os.urandom(4 << 20))
+    fill_after_snapshots(engine, 2, 8)  # 16 chunks preserved of 20
+    kept = read(engine, "v@2")
+    engine.create_snapshot_set(["v"])
+    image = os.urandom(8 * CHUNK)
+    write(engine, "v", 0, image)  # needs 8 more: past the limit
+    engine.flush()
+    names = [s.name for s in engine.snapshots()]
+    assert names == (["v@2", "v@3"] if policy == "delete-oldest" else [])
+    if policy == "delete-oldest":
+        assert read(engine, "v@2") == kept
+    assert read(engine, "v", 0, 8 * CHUNK) == image
+    assert engine.volumes()[0].diff_bytes <= 20 * CHUNK
+    assert check_consistency(engine) == []
+
+
+def test_fail_writes_answers_enospc_and_keeps_the_snapshots(engine: Engine) -> None:
+    engine.create_volume("v", size=4 << 20, max_diff=10 * CHUNK, full_policy="fail-writes")
+    write(engine, "v", 0, os.urandom(4 << 20))
+    fill_after_snapshots(engine, 1, 8)
+    before = read(engine, "v")
+    dev = engine.open_export("v")
+    try:
+        assert not dev.write_nowait(20 * CHUNK, b"x" * 4 * CHUNK)  # never acked early
+        with pytest.raises(InsufficientStorage):
+            dev.write(20 * CHUNK, b"x" * 4 * CHUNK)
+        dev.write(0, b"y" * CHUNK)  # an already preserved chunk needs no room
+    finally:
+        dev.close()
+    assert read(engine, "v", CHUNK) == before[CHUNK:]
+    assert [s.name for s in engine.snapshots()] == ["v@1"]
