@@ -37,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
-import stat
 import threading
 import time
 import uuid
@@ -52,7 +50,7 @@ from pyroaring import BitMap64
 from .api import SnapshotInfo, VolumeInfo
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending, Snapshot
-from .diffarea import DiffArea, chunk_hash
+from .diffarea import DiffArea
 from .errors import (
     AlreadyExists,
     Busy,
@@ -60,7 +58,6 @@ from .errors import (
     HoldTimeout,
     InsufficientStorage,
     InvalidArgument,
-    Locked,
     MaxSnapshots,
     NotFound,
     OutOfRange,
@@ -69,14 +66,12 @@ from .errors import (
 from .exports import OriginDevice, SnapshotDevice
 from .fileio import flock_exclusive
 from .origin import Origin
+from .preserver import Preserver
+from .volumes import DEFAULT_CHUNK_SIZE, Provisioned, VolumeSpec, discard_origin, provision
 
 log = logging.getLogger("shadowblk.engine")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FULL_POLICIES = ("delete-oldest", "invalidate", "fail-writes")
-DEFAULT_CHUNK_SIZE = 64 * 1024
 OVERLAY_CAP = 64 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
-MAX_BATCH = 512  # preserves per group commit
 MAX_SNAPSHOTS = 512
 APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_write
 
@@ -107,17 +102,9 @@ class Engine:
         self._cond = threading.Condition(self._lock)
         self._volumes: dict[str, CowVolume] = {}
         self.unavailable: dict[str, str] = {}  # volume name -> why it could not be opened
-        self._queue: list[Pending] = []
-        self._queued_seq = 0
-        self._applied_seq = 0
-        self._overlay_bytes = 0
-        self._state_updates: list[tuple[str, str]] = []  # (snapshot id, state) to persist
         self._exports: dict[str, int] = {}  # volume name -> open devices
-        self._stopping = False
         self.stats = {"commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0}
-        self._preserver = threading.Thread(
-            target=self._preserve_loop, name="preserver", daemon=True
-        )
+        self._preserver = Preserver(self._cond, catalog, self._free, self.stats)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -138,11 +125,7 @@ class Engine:
 
     def close(self) -> None:
         """Drain every preserve, make the origins durable, release everything."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._preserver.is_alive():
-            self._preserver.join()
+        self._preserver.stop()
         for vol in self._volumes.values():
             vol.origin.sync()
             vol.origin.close()
@@ -207,118 +190,46 @@ class Engine:
         sparse: bool = False,
     ) -> VolumeInfo:
         """A new volume: a new file of `size` under the state directory, or `backing` adopted."""
-        _check_volume_args(name, size, chunk_size, max_diff, full_policy)
+        spec = VolumeSpec(name, size, backing, chunk_size, diff_area, max_diff, full_policy, sparse)
+        spec.validate()
         with self._admin:
             if name in self._volumes or name in self.unavailable:
                 raise AlreadyExists(f"volume {name} already exists")
             vid = str(uuid.uuid4())
-            origin, owned = self._make_origin(vid, size, backing, sparse)
+            others = [(v.name, v.origin) for v in self._volumes.values()]
+            made = provision(spec, vid, self.state_dir, others)
             try:
-                diff = self._make_diff_area(vid, chunk_size, diff_area)
+                vol = self._insert_volume(spec, vid, made)
             except BaseException:
-                self._discard_origin(origin, owned)
-                raise
-            try:
-                vol = self._insert_volume(
-                    name, vid, origin, owned, diff, chunk_size, max_diff, full_policy, sparse, size
-                )
-            except BaseException:
-                diff.close()
-                shutil.rmtree(diff.path, ignore_errors=True)
-                self._discard_origin(origin, owned)
+                made.discard()
                 raise
             with self._lock:
                 self._volumes[name] = vol
             return self._volume_info(vol)
 
-    def _make_origin(
-        self, vid: str, size: int | None, backing: str | None, sparse: bool
-    ) -> tuple[Origin, bool]:
-        if backing is None:
-            if size is None:
-                raise InvalidArgument("a new volume needs --size (or --backing PATH to adopt)")
-            vdir = self.state_dir / "volumes"
-            vdir.mkdir(exist_ok=True, mode=0o700)
-            try:
-                return Origin.create(vdir / f"{vid}.img", size, sparse), True
-            except OSError as e:
-                raise InvalidArgument(f"cannot create a {size}-byte origin: {e.strerror}") from e
-        path = Path(backing).absolute()
-        self._check_not_adopted(path)
-        origin = Origin.open(path)
-        try:
-            self._check_adoptable(origin, size)
-        except BaseException:
-            origin.close()
-            raise
-        return origin, False
-
-    def _check_not_adopted(self, path: Path) -> None:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise InvalidArgument(f"cannot adopt {path}: {e.strerror}") from e
-        ident = (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
-        for other in self._volumes.values():
-            if other.origin.identity() == ident:
-                raise Locked(f"origin {path} is already volume {other.name}")
-
-    def _check_adoptable(self, origin: Origin, size: int | None) -> None:
-        if size is not None and size != origin.size:
-            raise InvalidArgument(
-                f"--size {size} does not match {origin.path}, which is {origin.size} bytes"
-            )
-        if origin.size == 0 or origin.size % 512:
-            raise InvalidArgument(f"origin {origin.path} must be a non-zero multiple of 512 bytes")
-
-    def _make_diff_area(self, vid: str, chunk_size: int, parent: str | None) -> DiffArea:
-        base = Path(parent).absolute() if parent else self.state_dir / "diff"
-        if parent is None:
-            base.mkdir(exist_ok=True, mode=0o700)
-        elif not base.is_dir():
-            raise InvalidArgument(f"diff area {base} is not a directory")
-        return DiffArea.create(base / vid, vid, chunk_size)
-
-    def _discard_origin(self, origin: Origin, owned: bool) -> None:
-        origin.close()
-        if owned:
-            origin.path.unlink(missing_ok=True)
-
-    def _insert_volume(
-        self,
-        name: str,
-        vid: str,
-        origin: Origin,
-        owned: bool,
-        diff: DiffArea,
-        chunk_size: int,
-        max_diff: int | None,
-        full_policy: str,
-        sparse: bool,
-        size: int | None,
-    ) -> CowVolume:
+    def _insert_volume(self, spec: VolumeSpec, vid: str, made: Provisioned) -> CowVolume:
         with self.catalog.transaction() as t:
             t.execute(
                 "INSERT INTO volumes (name, uuid, size, chunk_size, origin, origin_kind, owned, "
                 "diff_area, max_diff, full_policy, sparse, created) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    name,
+                    spec.name,
                     vid,
-                    origin.size,
-                    chunk_size,
-                    str(origin.path),
-                    origin.kind,
-                    int(owned),
-                    str(diff.path),
-                    max_diff,
-                    full_policy,
-                    int(sparse),
+                    made.origin.size,
+                    spec.chunk_size,
+                    str(made.origin.path),
+                    made.origin.kind,
+                    int(made.owned),
+                    str(made.diff.path),
+                    spec.max_diff,
+                    spec.full_policy,
+                    int(spec.sparse),
                     utc_now(),
                 ),
             )
-        row = self.catalog.query("SELECT * FROM volumes WHERE name=?", (name,))[0]
-        return CowVolume(row, origin, diff)
+        row = self.catalog.query("SELECT * FROM volumes WHERE name=?", (spec.name,))[0]
+        return CowVolume(row, made.origin, made.diff)
 
     def remove_volume(self, name: str) -> None:
         """Remove a volume with no snapshots and no open exports; delete what shadowblk made."""
@@ -338,7 +249,7 @@ class Engine:
             with self._lock:
                 del self._volumes[name]
             vol.origin.sync()
-            self._discard_origin(vol.origin, bool(vol.row["owned"]))
+            discard_origin(vol.origin, bool(vol.row["owned"]))
             vol.diff.close()
             shutil.rmtree(vol.diff.path, ignore_errors=True)
 
@@ -585,8 +496,7 @@ class Engine:
             log.error("snapshot %s, chunk %d: %s", snap.name, chunk, e.message)
             if snap.state == "ok":
                 snap.state = "damaged"
-                self._state_updates.append((snap.id, "damaged"))
-                self._cond.notify_all()
+                self._preserver.record_state_nowait(snap.id, "damaged")
             raise
 
     def write_nowait(
@@ -606,14 +516,13 @@ class Engine:
             with self._cond:
                 while (status := self._try_write(vol, offset, data)) == WAIT:
                     self._cond.wait()
-                seq = self._queued_seq
+                seq = self._preserver.queued_seq
             if status == APPLIED:
                 break
             self._make_room(vol)
         if vol.row["full_policy"] == "fail-writes":
             with self._cond:
-                while self._applied_seq < seq:
-                    self._cond.wait()
+                self._preserver.wait_applied(seq)
 
     def _try_write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> str:
         """Apply a write unless writes are held, the overlay has no room (WAIT) or the diff
@@ -621,7 +530,11 @@ class Engine:
         if vol.held:
             return WAIT
         n = vol.new_preserves(offset, len(data)) if vol.live_epochs else 0
-        if n and self._overlay_bytes and self._overlay_bytes + n * vol.chunk_size > OVERLAY_CAP:
+        if (
+            n
+            and self._preserver.overlay_bytes
+            and self._preserver.overlay_bytes + n * vol.chunk_size > OVERLAY_CAP
+        ):
             return WAIT
         if n and not self._has_room(vol, n * vol.chunk_size):
             return FULL
@@ -641,7 +554,7 @@ class Engine:
                 log.warning("volume %s: diff area above 90%% of its %d-byte limit", vol.name, limit)
         st = os.statvfs(vol.diff.path)
         floor = st.f_blocks * st.f_frsize // 20  # keep 5 % of the filesystem free
-        return st.f_bavail * st.f_frsize - self._overlay_bytes - need >= floor
+        return st.f_bavail * st.f_frsize - self._preserver.overlay_bytes - need >= floor
 
     def _make_room(self, vol: CowVolume) -> None:
         """The diff area is full: apply the volume's full policy (blocking)."""
@@ -663,122 +576,18 @@ class Engine:
         vol.warned = False
 
     def _start_preserve(self, vol: CowVolume, chunk: int) -> Pending:
+        """Read a chunk's current contents and queue their preserve (lock held)."""
         old = vol.origin.pread(chunk * vol.chunk_size, vol.chunk_len(chunk))
         slot = ZERO if old == zeroes(len(old)) else vol.diff.allocate()
-        self._queued_seq += 1
-        pending = Pending(vol, chunk, vol.epoch, old, bytearray(old), slot, None, self._queued_seq)
-        vol.pending[chunk] = pending
-        self._queue.append(pending)
-        self._overlay_bytes += len(old)
-        self._cond.notify_all()
-        return pending
+        return self._preserver.queue_nowait(vol, chunk, old, slot)
 
     def flush(self, vol: CowVolume | None = None) -> None:
         """Every write applied before this call is durable when it returns (I2)."""
         with self._cond:
-            target = self._queued_seq
-            while self._applied_seq < target:
-                self._cond.wait()
+            self._preserver.wait_applied(self._preserver.queued_seq)
             vols = [vol] if vol is not None else list(self._volumes.values())
         for v in vols:
             v.origin.sync()
-
-    # --- the preserver thread ------------------------------------------------------------
-
-    def _preserve_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._state_updates and not self._stopping:
-                    self._cond.wait()
-                if not self._queue and not self._state_updates:
-                    return
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                updates, self._state_updates = self._state_updates, []
-            try:
-                if updates:
-                    self._persist_states(updates)
-                if batch:
-                    self._run_batch(batch)
-            except Exception:  # never let the thread die: writes would wait for it forever
-                log.exception("preserver: unexpected error")
-
-    def _run_batch(self, batch: list[Pending]) -> None:
-        try:
-            self._persist(batch)
-            failed: Exception | None = None
-        except Exception as e:  # a diff-area or catalog error: the snapshots lose, never the write
-            log.error("preserving %d chunks failed: %s", len(batch), e)
-            failed = e
-        garbage: dict[CowVolume, list[tuple[int, Entry]]] = {}
-        with self._cond:
-            for p in batch:
-                self._apply_preserved(p, failed, garbage)
-                self._overlay_bytes -= len(p.new)
-            self._applied_seq = batch[-1].seq
-            self._cond.notify_all()
-        for vol, freed in garbage.items():
-            self._free(vol, freed)
-
-    def _persist(self, batch: list[Pending]) -> None:
-        """Write and sync the data of a batch, then commit its entries: durable on return."""
-        diffs = {}
-        for p in batch:
-            if p.slot != ZERO:
-                p.hash = chunk_hash(p.old)
-                p.volume.diff.write(p.slot, p.old)
-                diffs[id(p.volume.diff)] = p.volume.diff
-        for diff in diffs.values():
-            diff.sync()
-        with self.catalog.transaction() as t:
-            t.executemany(
-                "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",
-                [
-                    (p.volume.id, p.chunk, p.epoch, None if p.slot == ZERO else p.slot, p.hash)
-                    for p in batch
-                ],
-            )
-        self.stats["commits"] += 1
-
-    def _apply_preserved(
-        self,
-        p: Pending,
-        failed: Exception | None,
-        garbage: dict[CowVolume, list[tuple[int, Entry]]],
-    ) -> None:
-        vol = p.volume
-        if failed is not None:
-            if p.slot != ZERO:
-                vol.diff.unallocate(p.slot)
-            self._invalidate_readers(vol, p.chunk, str(failed))
-            vol.abandon_preserve(p)
-            return
-        self.stats["chunks_preserved"] += 1
-        if p.slot == ZERO:
-            self.stats["zero_entries"] += 1
-        if not vol.commit_preserved(p):
-            entry = (p.epoch, p.slot, p.hash)
-            vol.remove_entry(p.chunk, entry)
-            garbage.setdefault(vol, []).append((p.chunk, entry))
-
-    def _invalidate_readers(self, vol: CowVolume, chunk: int, why: str) -> None:
-        """Mark invalid every live snapshot that needed the chunk whose preserve failed."""
-        entries = vol.index.get(chunk)
-        newest = entries[-1][0] if entries else -1
-        for snap in vol.snapshots.values():
-            if snap.epoch > newest and snap.state != "invalid":
-                log.error("snapshot %s is invalid: %s", snap.name, why)
-                snap.state = "invalid"
-                self._state_updates.append((snap.id, "invalid"))
-
-    def _persist_states(self, updates: list[tuple[str, str]]) -> None:
-        try:
-            with self.catalog.transaction() as t:
-                t.executemany(
-                    "UPDATE snapshots SET state=? WHERE id=?",
-                    [(state, sid) for sid, state in updates],
-                )
-        except Exception as e:
-            log.error("could not record snapshot states: %s", e)
 
     # --- statistics ----------------------------------------------------------------------
 
@@ -797,7 +606,7 @@ class Engine:
             }
             return dict(
                 self.stats,
-                overlay_bytes=self._overlay_bytes,
+                overlay_bytes=self._preserver.overlay_bytes,
                 volumes=volumes,
                 unavailable=dict(self.unavailable),
                 exports=dict(self._exports),
@@ -822,24 +631,6 @@ def _check_range(vol: CowVolume, offset: int, length: int) -> None:
         raise OutOfRange(f"range {offset}+{length} is outside volume {vol.name} ({vol.size} bytes)")
 
 
-def _check_volume_args(
-    name: str, size: int | None, chunk_size: int, max_diff: int | None, full_policy: str
-) -> None:
-    if not NAME_RE.match(name):
-        raise InvalidArgument(
-            f"invalid volume name {name!r}: 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    if size is not None and (size <= 0 or size % 512):
-        raise InvalidArgument(f"size {size} must be a positive multiple of 512 bytes")
-    if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 1 << 20:
-        raise InvalidArgument(f"chunk size {chunk_size} must be a power of two, 4K to 1M")
-    if max_diff is not None and max_diff < 0:
-        raise InvalidArgument("--max-diff must not be negative")
-    if full_policy not in FULL_POLICIES:
-        raise InvalidArgument(f"full policy must be one of {', '.join(FULL_POLICIES)}")
-
-
 def _snapshot_from_row(row: Any, volume: str) -> Snapshot:
     import json
 
@@ -854,34 +645,3 @@ def _snapshot_from_row(row: Any, volume: str) -> Snapshot:
         row["label"],
         json.loads(row["attrs"]),
     )
-
-
-def check_consistency(engine: Engine) -> list[str]:
-    """An fsck of the engine's state: the in-memory index against the catalog, every entry
-    needed by a live snapshot, every slot used once. Returns the problems found (tests end
-    with it; `verify` will build on it)."""
-    problems: list[str] = []
-    with engine._lock:
-        for vol in engine._volumes.values():
-            problems += _check_volume(engine, vol)
-    return problems
-
-
-def _check_volume(engine: Engine, vol: CowVolume) -> list[str]:
-    problems = []
-    rows = {
-        (c, e): (ZERO if s is None else s, h) for c, e, s, h in engine.catalog.iter_chunks(vol.id)
-    }
-    mem = {(c, e[0]): (e[1], e[2]) for c, es in vol.index.items() for e in es}
-    if rows != mem:
-        problems.append(f"{vol.name}: catalog and memory index differ ({len(rows)} vs {len(mem)})")
-    slots = [s for s, _h in mem.values() if s != ZERO]
-    if len(slots) != len(set(slots)):
-        problems.append(f"{vol.name}: a diff slot is used twice")
-    if any(s in vol.diff.free for s in slots):
-        problems.append(f"{vol.name}: a used slot is on the free list")
-    for chunk, entries in vol.index.items():
-        for i in range(len(entries)):
-            if not vol.entry_needed(entries, i):
-                problems.append(f"{vol.name}: chunk {chunk} epoch {entries[i][0]} is not needed")
-    return problems

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from shadowblk.provider.errors import InvalidArgument
+from shadowblk.provider.volumes import FULL_POLICIES
 
 MAX_LINE = 1 << 20
-FULL_POLICIES = ("delete-oldest", "invalidate", "fail-writes")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shadowblk.provider.diffarea import DATA
-from shadowblk.provider.engine import Engine, check_consistency
+from shadowblk.provider.engine import Engine
 from shadowblk.provider.errors import (
     AlreadyExists,
     Busy,
@@ -24,6 +24,7 @@ from shadowblk.provider.errors import (
     OutOfRange,
     ReadOnly,
 )
+from shadowblk.provider.fsck import check_consistency
 
 CHUNK = 65536
 

@@ -21,7 +21,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from shadowblk.provider.engine import Engine, check_consistency
+from shadowblk.provider.engine import Engine
+from shadowblk.provider.fsck import check_consistency
 
 VOLUMES = {"a": (200 * 1024 + 512, 4096), "b": (192 * 1024, 16384)}  # size, chunk size
 

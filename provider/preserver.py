@@ -1,0 +1,185 @@
+"""The preserve pipeline: the queue of preserves and the thread that makes them durable.
+
+Design notes
+- A preserve is queued by the write that first touches a chunk a live snapshot needs
+  (`queue_nowait`, called under the engine lock). Queued preserves carry an engine-wide
+  sequence number; `applied_seq` says how far they have been applied, so FLUSH waits for
+  the sequence number it saw (a sequence point), never for an empty queue.
+- The thread takes up to MAX_BATCH preserves at a time (group commit). Outside the lock it
+  hashes and writes their data, fdatasyncs each diff area touched, and commits their
+  catalog rows in one transaction. Then, under the lock, each preserve is applied: indexed,
+  its overlay written to the origin (CowVolume.commit_preserved). Never the other order.
+- A preserve that fails (diff-area I/O error, ENOSPC from its filesystem, a catalog error)
+  still lets its write reach the origin: the snapshots that needed the chunk are marked
+  invalid instead (DESIGN.md: a diff-area error after the ack invalidates, never drops).
+- An entry nobody needs any more when it is applied (its snapshot was deleted meanwhile) is
+  handed back to the engine to be freed, never leaked.
+- Snapshot state changes found on the I/O path (damaged, invalid) are persisted here too,
+  so no trio thread ever waits for a catalog commit.
+
+The lock is the engine's condition; this class never takes any other lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from .catalog import Catalog
+from .cow import ZERO, CowVolume, Entry, Pending
+from .diffarea import chunk_hash
+
+log = logging.getLogger("shadowblk.preserver")
+
+MAX_BATCH = 512  # preserves per group commit
+
+Freed = dict[CowVolume, list[tuple[int, Entry]]]
+
+
+class Preserver:
+    """The queue of pending preserves and the thread that commits them in batches."""
+
+    def __init__(
+        self,
+        cond: threading.Condition,
+        catalog: Catalog,
+        free: Callable[[CowVolume, list[tuple[int, Entry]]], None],
+        stats: dict[str, int],
+    ) -> None:
+        self._cond = cond
+        self._catalog = catalog
+        self._free = free
+        self._stats = stats
+        self._queue: list[Pending] = []
+        self._state_updates: list[tuple[str, str]] = []  # (snapshot id, state)
+        self._stopping = False
+        self.queued_seq = 0
+        self.applied_seq = 0
+        self.overlay_bytes = 0  # bytes of acknowledged writes awaiting their preserve
+        self._thread = threading.Thread(target=self._loop, name="preserver", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every queued preserve, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # --- called under the engine lock ----------------------------------------------------
+
+    def queue_nowait(self, vol: CowVolume, chunk: int, old: bytes, slot: int) -> Pending:
+        """Queue the preserve of `chunk`'s current contents `old` into `slot` (or ZERO)."""
+        self.queued_seq += 1
+        pending = Pending(vol, chunk, vol.epoch, old, bytearray(old), slot, None, self.queued_seq)
+        vol.pending[chunk] = pending
+        self._queue.append(pending)
+        self.overlay_bytes += len(old)
+        self._cond.notify_all()
+        return pending
+
+    def record_state_nowait(self, snapshot_id: str, state: str) -> None:
+        """Persist a snapshot's new state (damaged, invalid) from the preserver thread."""
+        self._state_updates.append((snapshot_id, state))
+        self._cond.notify_all()
+
+    def wait_applied(self, seq: int) -> None:
+        """Block until every preserve up to `seq` is applied (lock held; waits on it)."""
+        while self.applied_seq < seq:
+            self._cond.wait()
+
+    # --- the thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._state_updates and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and not self._state_updates:
+                    return
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                updates, self._state_updates = self._state_updates, []
+            try:
+                if updates:
+                    self._persist_states(updates)
+                if batch:
+                    self._run_batch(batch)
+            except Exception:  # never let the thread die: writes would wait for it forever
+                log.exception("preserver: unexpected error")
+
+    def _run_batch(self, batch: list[Pending]) -> None:
+        try:
+            self._persist(batch)
+            failed: Exception | None = None
+        except Exception as e:  # a diff-area or catalog error: the snapshots lose, never the write
+            log.error("preserving %d chunks failed: %s", len(batch), e)
+            failed = e
+        garbage: Freed = {}
+        with self._cond:
+            for p in batch:
+                self._apply(p, failed, garbage)
+                self.overlay_bytes -= len(p.new)
+            self.applied_seq = batch[-1].seq
+            self._cond.notify_all()
+        for vol, freed in garbage.items():
+            self._free(vol, freed)
+
+    def _persist(self, batch: list[Pending]) -> None:
+        """Write and sync the data of a batch, then commit its entries: durable on return."""
+        diffs = {}
+        for p in batch:
+            if p.slot != ZERO:
+                p.hash = chunk_hash(p.old)
+                p.volume.diff.write(p.slot, p.old)
+                diffs[id(p.volume.diff)] = p.volume.diff
+        for diff in diffs.values():
+            diff.sync()
+        with self._catalog.transaction() as t:
+            t.executemany(
+                "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",
+                [
+                    (p.volume.id, p.chunk, p.epoch, None if p.slot == ZERO else p.slot, p.hash)
+                    for p in batch
+                ],
+            )
+        self._stats["commits"] += 1
+
+    def _apply(self, p: Pending, failed: Exception | None, garbage: Freed) -> None:
+        vol = p.volume
+        if failed is not None:
+            if p.slot != ZERO:
+                vol.diff.unallocate(p.slot)
+            self._invalidate_readers(vol, p.chunk, str(failed))
+            vol.abandon_preserve(p)
+            return
+        self._stats["chunks_preserved"] += 1
+        if p.slot == ZERO:
+            self._stats["zero_entries"] += 1
+        if not vol.commit_preserved(p):
+            entry = (p.epoch, p.slot, p.hash)
+            vol.remove_entry(p.chunk, entry)
+            garbage.setdefault(vol, []).append((p.chunk, entry))
+
+    def _invalidate_readers(self, vol: CowVolume, chunk: int, why: str) -> None:
+        """Mark invalid every live snapshot that needed the chunk whose preserve failed."""
+        entries = vol.index.get(chunk)
+        newest = entries[-1][0] if entries else -1
+        for snap in vol.snapshots.values():
+            if snap.epoch > newest and snap.state != "invalid":
+                log.error("snapshot %s is invalid: %s", snap.name, why)
+                snap.state = "invalid"
+                self._state_updates.append((snap.id, "invalid"))
+
+    def _persist_states(self, updates: list[tuple[str, str]]) -> None:
+        try:
+            with self._catalog.transaction() as t:
+                t.executemany(
+                    "UPDATE snapshots SET state=? WHERE id=?",
+                    [(state, sid) for sid, state in updates],
+                )
+        except Exception as e:
+            log.error("could not record snapshot states: %s", e)
