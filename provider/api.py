@@ -91,9 +91,46 @@ class BlockDevice(Protocol):
         """Make every write applied before this call durable (blocking)."""
         ...
 
+    def zero_nowait(self, offset: int, length: int, *, punch: bool) -> bool:
+        """Make a range read as zeroes (TRIM, WRITE_ZEROES) if that can be done without
+        blocking; False: nothing was done, call `zero`. `punch`: the range may be
+        deallocated (TRIM, or WRITE_ZEROES without NO_HOLE on a sparse volume); a fully
+        allocated volume stays allocated whatever `punch` says. Chunks that snapshots need
+        are preserved first, as zero entries where they read as zeroes."""
+        ...
+
+    def zero(self, offset: int, length: int, *, punch: bool, fast: bool = False) -> None:
+        """Blocking `zero_nowait`, in bounded batches for large ranges. `fast`: raise
+        `NotSupported` (ENOTSUP) instead of preserving anything (NBD's FAST_ZERO)."""
+        ...
+
+    def cache(self, offset: int, length: int) -> None:
+        """A hint that the range will be read soon (NBD_CMD_CACHE); never fails on range."""
+        ...
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """`base:allocation` of [offset, offset+length): consecutive (length, flags) runs
+        covering at least one byte and at most the range, flags a sum of EXTENT_HOLE (1)
+        and EXTENT_ZERO (2). Never blocks for long."""
+        ...
+
+    def dirty_bitmaps(self) -> list[str]:
+        """The snapshots this export can be compared with: names `VOLUME@N`."""
+        ...
+
+    def dirty_extents(self, since: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """`qemu:dirty-bitmap:since`: (length, 1) runs for chunks that differ between this
+        export and snapshot `since`, (length, 0) runs for chunks that do not; whole chunks,
+        clipped to the range; raises `NotFound` if `since` is gone."""
+        ...
+
     def close(self) -> None:
         """Release the export (unpins a snapshot)."""
         ...
+
+
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
 
 
 class ExportRegistry(Protocol):

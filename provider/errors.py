@@ -50,6 +50,13 @@ class OutOfRange(InvalidArgument):
     """An offset or length beyond the end of a device."""
 
 
+class NotSupported(ShadowblkError):
+    """The request cannot be done the way asked (e.g. a fast zero that must preserve)."""
+
+    code = "not-supported"
+    errno = _errno.EOPNOTSUPP
+
+
 class ReadOnly(ShadowblkError):
     code = "read-only"
     errno = _errno.EPERM
