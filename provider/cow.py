@@ -95,6 +95,7 @@ class CowVolume:
         self.snapshots: dict[int, Snapshot] = {}
         self.live_epochs: list[int] = []
         self.index: dict[int, list[Entry]] = {}
+        self.changed = BitMap64()  # the chunks of `index`, ordered (range scans)
         self.done = BitMap64()
         self.pending: dict[int, Pending] = {}
         self.held = 0  # > 0 while a snapshot set holds this volume's writes
@@ -113,6 +114,7 @@ class CowVolume:
     def load_entry(self, chunk: int, epoch: int, slot: int | None, digest: bytes | None) -> None:
         """Add an entry read from the catalog (rows come ordered by chunk, epoch)."""
         self.index.setdefault(chunk, []).append((epoch, ZERO if slot is None else slot, digest))
+        self.changed.add(chunk)
         if epoch == self.epoch:
             self.done.add(chunk)
 
@@ -222,17 +224,19 @@ class CowVolume:
     def apply_write(
         self,
         offset: int,
-        data: bytes | bytearray | memoryview,
+        length: int,
+        data: bytes | bytearray | memoryview | None,
         start_preserve: Callable[[CowVolume, int], Pending],
+        punch: bool = False,
     ) -> None:
-        """Apply a write: straight to the origin where no snapshot needs the old contents,
-        into the overlay (and a new preserve) where one does."""
+        """Apply a write (`data`), or a zeroing of the range (`data` None): straight to the
+        origin where no snapshot needs the old contents, into the overlay (and a new
+        preserve) where one does."""
         if not self.pending and not self.live_epochs:
-            self.origin.pwrite(offset, data)
+            self._direct(offset, length, data, 0, punch)
             return
         cs = self.chunk_size
-        view = memoryview(data)
-        end = offset + len(view)
+        end = offset + length
         run_start = -1
         pos = offset
         while pos < end:
@@ -246,13 +250,30 @@ class CowVolume:
                     run_start = pos
             else:
                 if run_start >= 0:
-                    self.origin.pwrite(run_start, view[run_start - offset : pos - offset])
+                    self._direct(run_start, pos - run_start, data, run_start - offset, punch)
                     run_start = -1
                 base = chunk * cs
-                pending.new[pos - base : hi - base] = view[pos - offset : hi - offset]
+                if data is None:
+                    pending.new[pos - base : hi - base] = bytes(hi - pos)
+                else:
+                    pending.new[pos - base : hi - base] = data[pos - offset : hi - offset]
             pos = hi
         if run_start >= 0:
-            self.origin.pwrite(run_start, view[run_start - offset :])
+            self._direct(run_start, end - run_start, data, run_start - offset, punch)
+
+    def _direct(
+        self,
+        offset: int,
+        length: int,
+        data: bytes | bytearray | memoryview | None,
+        skip: int,
+        punch: bool,
+    ) -> None:
+        """Write (or zero) a range of the origin that no snapshot needs."""
+        if data is None:
+            self.origin.zero(offset, length, punch=punch and bool(self.row["sparse"]))
+        else:
+            self.origin.pwrite(offset, memoryview(data)[skip : skip + length])
 
     def commit_preserved(self, pending: Pending) -> bool:
         """The preserve is durable: index it, write the overlay to the origin.
@@ -262,6 +283,7 @@ class CowVolume:
         """
         entries = self.index.setdefault(pending.chunk, [])
         entries.append((pending.epoch, pending.slot, pending.hash))
+        self.changed.add(pending.chunk)
         self.done.add(pending.chunk)
         self.origin.pwrite(pending.chunk * self.chunk_size, pending.new)
         del self.pending[pending.chunk]
@@ -298,8 +320,17 @@ class CowVolume:
         entries.remove(entry)
         if not entries:
             del self.index[chunk]
+            self.changed.discard(chunk)
         if entry[0] == self.epoch:
             self.done.discard(chunk)
+
+    def insert_entry(self, chunk: int, entry: Entry) -> None:
+        """Put back an entry `remove_entry` took out (a free that did not commit)."""
+        entries = self.index.setdefault(chunk, [])
+        entries.insert(bisect_left(entries, entry[0], key=_epoch), entry)
+        self.changed.add(chunk)
+        if entry[0] == self.epoch:
+            self.done.add(chunk)
 
     def diff_bytes_of(self, snap: Snapshot) -> int:
         """Bytes of diff-area data only `snap` needs (what deleting it would free)."""

@@ -47,6 +47,7 @@ from typing import Any
 
 from pyroaring import BitMap64
 
+from . import extents
 from .api import SnapshotInfo, VolumeInfo
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending, Snapshot
@@ -60,6 +61,7 @@ from .errors import (
     InvalidArgument,
     MaxSnapshots,
     NotFound,
+    NotSupported,
     OutOfRange,
     ShadowblkError,
 )
@@ -73,7 +75,10 @@ log = logging.getLogger("shadowblk.engine")
 
 OVERLAY_CAP = 64 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
 MAX_SNAPSHOTS = 512
-APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_write
+APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_apply
+ZERO_BATCH = 32 << 20  # a TRIM or WRITE_ZEROES is preserved and applied this much at a time
+
+Buffer = bytes | bytearray | memoryview
 
 
 def utc_now() -> str:
@@ -380,7 +385,7 @@ class Engine:
                 with self._lock:
                     vol.add_snapshot(snap)
                     for chunk, entry in freed:
-                        _reinsert(vol, chunk, entry)
+                        vol.insert_entry(chunk, entry)
                 raise
 
     def _free(
@@ -477,13 +482,16 @@ class Engine:
     def read_snapshot(self, vol: CowVolume, snap: Snapshot, offset: int, length: int) -> bytes:
         _check_range(vol, offset, length)
         with self._lock:
-            if vol.snapshots.get(snap.seq) is not snap:
-                raise NotFound(f"snapshot {snap.name} was deleted")
-            if snap.state == "invalid":
-                raise DamagedData(f"snapshot {snap.name} is invalid")
+            self._check_live(vol, snap)
             return vol.read_snapshot(
                 snap.epoch, offset, length, lambda c, e: self._read_diff(vol, snap, c, e)
             )
+
+    def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
+        if vol.snapshots.get(snap.seq) is not snap:
+            raise NotFound(f"snapshot {snap.name} was deleted")
+        if snap.state == "invalid":
+            raise DamagedData(f"snapshot {snap.name} is invalid")
 
     def _read_diff(self, vol: CowVolume, snap: Snapshot, chunk: int, entry: Entry) -> bytes:
         length = vol.chunk_len(chunk)
@@ -502,19 +510,49 @@ class Engine:
     def write_nowait(
         self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview
     ) -> bool:
-        _check_range(vol, offset, len(data))
-        with self._lock:
-            if vol.row["full_policy"] == "fail-writes" and vol.new_preserves(offset, len(data)):
-                return False  # under fail-writes nothing that needs a preserve is acked early
-            return self._try_write(vol, offset, data) == APPLIED
+        return self._apply_nowait(vol, offset, len(data), data, False)
 
     def write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Apply a write, waiting out holds and backpressure, making room in a full diff area
         by the volume's policy (or raising `InsufficientStorage` under fail-writes)."""
         _check_range(vol, offset, len(data))
+        self._apply(vol, offset, len(data), data, False)
+
+    def zero_nowait(self, vol: CowVolume, offset: int, length: int, punch: bool) -> bool:
+        if length > ZERO_BATCH:
+            _check_range(vol, offset, length)
+            return False
+        return self._apply_nowait(vol, offset, length, None, punch)
+
+    def zero(
+        self, vol: CowVolume, offset: int, length: int, punch: bool, fast: bool = False
+    ) -> None:
+        """Zero a range in batches of at most ZERO_BATCH bytes, each preserved first where
+        snapshots need it (as zero entries where the old contents were zeroes)."""
+        _check_range(vol, offset, length)
+        if fast:
+            with self._lock:
+                if vol.held or vol.new_preserves(offset, length):
+                    raise NotSupported("a fast zero is not possible: chunks must be preserved")
+        end = offset + length
+        for pos in range(offset, end, ZERO_BATCH):
+            self._apply(vol, pos, min(ZERO_BATCH, end - pos), None, punch)
+
+    def _apply_nowait(
+        self, vol: CowVolume, offset: int, length: int, data: Buffer | None, punch: bool
+    ) -> bool:
+        _check_range(vol, offset, length)
+        with self._lock:
+            if vol.row["full_policy"] == "fail-writes" and vol.new_preserves(offset, length):
+                return False  # under fail-writes nothing that needs a preserve is acked early
+            return self._try_apply(vol, offset, length, data, punch) == APPLIED
+
+    def _apply(
+        self, vol: CowVolume, offset: int, length: int, data: Buffer | None, punch: bool
+    ) -> None:
         while True:
             with self._cond:
-                while (status := self._try_write(vol, offset, data)) == WAIT:
+                while (status := self._try_apply(vol, offset, length, data, punch)) == WAIT:
                     self._cond.wait()
                 seq = self._preserver.queued_seq
             if status == APPLIED:
@@ -524,23 +562,58 @@ class Engine:
             with self._cond:
                 self._preserver.wait_applied(seq)
 
-    def _try_write(self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview) -> str:
-        """Apply a write unless writes are held, the overlay has no room (WAIT) or the diff
-        area has no room for its preserves (FULL). Lock held."""
+    def _try_apply(
+        self, vol: CowVolume, offset: int, length: int, data: Buffer | None, punch: bool
+    ) -> str:
+        """Apply a write or zero unless writes are held, the overlay has no room (WAIT) or
+        the diff area has no room for its preserves (FULL). Lock held."""
         if vol.held:
             return WAIT
-        n = vol.new_preserves(offset, len(data)) if vol.live_epochs else 0
-        if (
-            n
-            and self._preserver.overlay_bytes
-            and self._preserver.overlay_bytes + n * vol.chunk_size > OVERLAY_CAP
-        ):
+        n = vol.new_preserves(offset, length) if vol.live_epochs else 0
+        overlay = self._preserver.overlay_bytes
+        if n and overlay and overlay + n * vol.chunk_size > OVERLAY_CAP:
             return WAIT
         if n and not self._has_room(vol, n * vol.chunk_size):
             return FULL
-        vol.apply_write(offset, data, self._start_preserve)
+        vol.apply_write(offset, length, data, self._start_preserve, punch)
         self.stats["writes"] += 1
         return APPLIED
+
+    def cache(self, vol: CowVolume, offset: int, length: int) -> None:
+        _check_range(vol, offset, length)
+        vol.origin.advise_willneed(offset, length)
+
+    def allocation(
+        self, vol: CowVolume, snap: Snapshot | None, offset: int, length: int
+    ) -> list[tuple[int, int]]:
+        """`base:allocation` runs of the origin (snap None) or of a snapshot."""
+        _check_range(vol, offset, length)
+        end = offset + max(length, 1)
+        with self._lock:
+            if snap is None:
+                return extents.origin_allocation(vol, offset, end)
+            self._check_live(vol, snap)
+            return extents.snapshot_allocation(vol, snap.epoch, offset, end)
+
+    def dirty_extents(
+        self, vol: CowVolume, snap: Snapshot | None, since: str, offset: int, length: int
+    ) -> list[tuple[int, int]]:
+        """Chunks that differ between the origin (snap None) or `snap`, and snapshot `since`."""
+        _check_range(vol, offset, length)
+        end = offset + max(length, 1)
+        with self._lock:
+            base_vol, base = self._find_snapshot(since)
+            if base_vol is not vol:
+                raise InvalidArgument(f"{since} is not a snapshot of volume {vol.name}")
+            if snap is None:
+                return extents.dirty(vol, base.epoch, None, offset, end)
+            self._check_live(vol, snap)
+            lo, hi = sorted((base.epoch, snap.epoch))
+            return extents.dirty(vol, lo, hi, offset, end)
+
+    def dirty_bitmaps(self, vol: CowVolume) -> list[str]:
+        with self._lock:
+            return [s.name for s in vol.snapshots.values() if s.state != "invalid"]
 
     def _has_room(self, vol: CowVolume, need: int) -> bool:
         """Can the diff area take `need` more bytes? (the reservation made before an ack)"""
@@ -616,14 +689,6 @@ class Engine:
 def _needed(vol: CowVolume, chunk: int, entry: Entry) -> bool:
     entries = vol.index[chunk]
     return vol.entry_needed(entries, entries.index(entry))
-
-
-def _reinsert(vol: CowVolume, chunk: int, entry: Entry) -> None:
-    entries = vol.index.setdefault(chunk, [])
-    entries.append(entry)
-    entries.sort(key=lambda e: e[0])
-    if entry[0] == vol.epoch:
-        vol.done.add(chunk)
 
 
 def _check_range(vol: CowVolume, offset: int, length: int) -> None:

@@ -42,6 +42,24 @@ class OriginDevice:
     def flush(self) -> None:
         self._engine.flush(self._vol)
 
+    def zero_nowait(self, offset: int, length: int, *, punch: bool) -> bool:
+        return self._engine.zero_nowait(self._vol, offset, length, punch)
+
+    def zero(self, offset: int, length: int, *, punch: bool, fast: bool = False) -> None:
+        self._engine.zero(self._vol, offset, length, punch, fast)
+
+    def cache(self, offset: int, length: int) -> None:
+        self._engine.cache(self._vol, offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return self._engine.allocation(self._vol, None, offset, length)
+
+    def dirty_bitmaps(self) -> list[str]:
+        return self._engine.dirty_bitmaps(self._vol)
+
+    def dirty_extents(self, since: str, offset: int, length: int) -> list[tuple[int, int]]:
+        return self._engine.dirty_extents(self._vol, None, since, offset, length)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -73,6 +91,24 @@ class SnapshotDevice:
 
     def flush(self) -> None:
         """Nothing to flush: a snapshot's bytes are durable from its creation."""
+
+    def zero_nowait(self, offset: int, length: int, *, punch: bool) -> bool:
+        raise ReadOnly(f"snapshot {self.name} is read-only")
+
+    def zero(self, offset: int, length: int, *, punch: bool, fast: bool = False) -> None:
+        raise ReadOnly(f"snapshot {self.name} is read-only")
+
+    def cache(self, offset: int, length: int) -> None:
+        self._engine.cache(self._vol, offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return self._engine.allocation(self._vol, self._snap, offset, length)
+
+    def dirty_bitmaps(self) -> list[str]:
+        return self._engine.dirty_bitmaps(self._vol)
+
+    def dirty_extents(self, since: str, offset: int, length: int) -> list[tuple[int, int]]:
+        return self._engine.dirty_extents(self._vol, self._snap, since, offset, length)
 
     def close(self) -> None:
         if not self._closed:

@@ -22,6 +22,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
 
@@ -54,12 +55,58 @@ def pwrite_full(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         offset += n
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range of a regular file, keeping its size."""
-    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")
+        raise OSError(err, f"fallocate({what}) failed: {os.strerror(err)}")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of a regular file, keeping its size."""
+    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, "PUNCH_HOLE")
+
+
+def zero_file_range(fd: int, offset: int, length: int, *, punch: bool) -> None:
+    """Make a range of a regular file read as zeroes: deallocated if `punch`, else still
+    allocated (so a later write cannot fail for want of space). Falls back to writing
+    zeroes where the filesystem cannot."""
+    try:
+        if punch:
+            punch_hole(fd, offset, length)
+        else:
+            _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, "ZERO_RANGE")
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    step = 1 << 20
+    for pos in range(offset, offset + length, step):
+        pwrite_full(fd, bytes(min(step, offset + length - pos)), pos)
+
+
+def data_extents(
+    fd: int, offset: int, end: int, max_runs: int = 16384
+) -> list[tuple[int, int, bool]]:
+    """Runs of a regular file from `offset` as (start, length, is_data), from
+    SEEK_DATA/SEEK_HOLE (a filesystem without them reports everything as data); they
+    cover [offset, end), or a prefix of it once `max_runs` runs are found."""
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    while pos < end and len(runs) < max_runs:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                return runs + [(pos, end - pos, True)]
+            data = end
+        if data > pos:
+            runs.append((pos, min(data, end) - pos, False))
+            pos = min(data, end)
+            continue
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        runs.append((pos, hole - pos, True))
+        pos = hole
+    return runs
 
 
 def zero_block_range(fd: int, offset: int, length: int) -> None:

@@ -14,7 +14,16 @@ import stat
 from pathlib import Path
 
 from .errors import InvalidArgument, Locked
-from .fileio import device_size, fsync_dir, ofd_lock, pread_full, pwrite_full
+from .fileio import (
+    data_extents,
+    device_size,
+    fsync_dir,
+    ofd_lock,
+    pread_full,
+    pwrite_full,
+    zero_block_range,
+    zero_file_range,
+)
 
 
 class Origin:
@@ -86,6 +95,24 @@ class Origin:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         pwrite_full(self.fd, data, offset)
+
+    def zero(self, offset: int, length: int, *, punch: bool) -> None:
+        """Make a range read as zeroes: BLKZEROOUT on a block device (never a discard),
+        a punched hole (`punch`) or an allocated zero range on a file."""
+        if self.kind == "block":
+            zero_block_range(self.fd, offset, length)
+        else:
+            zero_file_range(self.fd, offset, length, punch=punch)
+
+    def extents(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
+        """(start, length, is_data) runs: holes of a file read as zeroes; a block device is
+        all data."""
+        if self.kind == "block":
+            return [(offset, end - offset, True)]
+        return data_extents(self.fd, offset, end)
+
+    def advise_willneed(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
