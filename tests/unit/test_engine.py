@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from shadowblk.provider.errors import (
     InvalidArgument,
     Locked,
     NotFound,
+    NotSupported,
     OutOfRange,
     ReadOnly,
 )
@@ -107,6 +109,7 @@ def test_freed_space_is_reused(engine: Engine) -> None:
     write(engine, "v", 0, os.urandom(1 << 20))
     engine.create_snapshot_set(["v"])
     write(engine, "v", 0, os.urandom(1 << 20))
+    engine.flush()  # the preserves are in: the delete frees them itself
     engine.delete_snapshot("v@1")
     engine.create_snapshot_set(["v"])
     write(engine, "v", 0, os.urandom(1 << 20))
@@ -306,3 +309,122 @@ def test_fail_writes_answers_enospc_and_keeps_the_snapshots(engine: Engine) -> N
         dev.close()
     assert read(engine, "v", CHUNK) == before[CHUNK:]
     assert [s.name for s in engine.snapshots()] == ["v@1"]
+
+
+def test_zeroing_preserves_as_zero_entries_without_copying_zeroes(engine: Engine) -> None:
+    size = 40 << 20  # more than one 32 MiB batch
+    engine.create_volume("v", size=size)
+    data = os.urandom(1 << 20)
+    write(engine, "v", 0, data)  # 1 MiB of data, then 39 MiB of zeroes
+    engine.create_snapshot_set(["v"])
+    dev = engine.open_export("v")
+    try:
+        assert not dev.zero_nowait(0, size, punch=True)  # larger than one batch: blocking
+        dev.zero(0, size, punch=True)
+    finally:
+        dev.close()
+    engine.flush()
+    stats = engine.statistics()
+    assert stats["zero_entries"] == 39 * 16  # what read as zeroes: nothing copied
+    assert stats["volumes"]["v"]["diff_bytes"] == 1 << 20
+    assert read(engine, "v@1") == data + bytes(size - (1 << 20))
+    assert read(engine, "v") == bytes(size)
+
+
+def test_fast_zero_is_refused_when_chunks_must_be_preserved(engine: Engine) -> None:
+    engine.create_volume("v", size=1 << 20)
+    write(engine, "v", 0, b"x" * CHUNK)
+    dev = engine.open_export("v")
+    try:
+        dev.zero(0, CHUNK, punch=False, fast=True)  # no snapshot: nothing to preserve
+        engine.create_snapshot_set(["v"])
+        write(engine, "v", 0, b"y" * CHUNK)
+        with pytest.raises(NotSupported):
+            dev.zero(0, 2 * CHUNK, punch=False, fast=True)  # chunk 1 still needs a preserve
+        assert read(engine, "v", 0, CHUNK) == b"y" * CHUNK  # nothing was zeroed
+        dev.zero(0, CHUNK, punch=False, fast=True)  # chunk 0 was preserved already
+    finally:
+        dev.close()
+    assert read(engine, "v", 0, CHUNK) == bytes(CHUNK)
+
+
+def test_an_allocated_volume_stays_allocated_when_trimmed(engine: Engine) -> None:
+    info = engine.create_volume("v", size=4 << 20)
+    engine.create_volume("s", size=4 << 20, sparse=True)
+    assert allocated(Path(info.origin)) >= 4 << 20
+    for name in ("v", "s"):
+        write(engine, name, 0, os.urandom(4 << 20))
+        dev = engine.open_export(name)
+        dev.zero(0, 4 << 20, punch=True)
+        dev.close()
+    volumes = {v.name: v for v in engine.volumes()}
+    assert allocated(Path(volumes["v"].origin)) >= 4 << 20  # a later write cannot ENOSPC
+    assert allocated(Path(volumes["s"].origin)) == 0
+    assert read(engine, "v") == read(engine, "s") == bytes(4 << 20)
+
+
+def test_allocation_map_of_origin_and_snapshot(engine: Engine) -> None:
+    engine.create_volume("v", size=4 << 20, sparse=True)
+    write(engine, "v", CHUNK, os.urandom(CHUNK))
+    engine.create_snapshot_set(["v"])
+    write(engine, "v", 3 * CHUNK, os.urandom(CHUNK))  # snapshot: a zero entry here
+    engine.flush()
+    origin = engine.open_export("v")
+    snap = engine.open_export("v@1")
+    try:
+        assert origin.extents(0, 4 << 20)[:4] == [(CHUNK, 3), (CHUNK, 0), (CHUNK, 3), (CHUNK, 0)]
+        assert snap.extents(0, 4 << 20)[:2] == [(CHUNK, 3), (CHUNK, 0)]
+        assert snap.extents(2 * CHUNK, 2 * CHUNK) == [(2 * CHUNK, 3)]
+        assert origin.dirty_extents("v@1", 0, 4 << 20) == [
+            (3 * CHUNK, 0),
+            (CHUNK, 1),
+            ((4 << 20) - 4 * CHUNK, 0),
+        ]
+    finally:
+        origin.close()
+        snap.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A real block device: a loop device over a 16 MiB file."""
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(os.urandom(16 << 20))
+    try:
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"this host cannot attach a loop device: {e}")
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_block_device_origin(engine: Engine, loop_device: str, tmp_path: Path) -> None:
+    info = engine.create_volume("b", backing=loop_device)
+    assert (info.origin_kind, info.size) == ("block", 16 << 20)
+    before = read(engine, "b")
+    engine.create_snapshot_set(["b"])
+    dev = engine.open_export("b")
+    try:
+        dev.zero(CHUNK, 3 * CHUNK, punch=True)  # BLKZEROOUT under the hood
+        dev.write(0, b"w" * 4096)
+    finally:
+        dev.close()
+    assert read(engine, "b@1") == before
+    assert read(engine, "b", CHUNK, 3 * CHUNK) == bytes(3 * CHUNK)
+    engine.flush()  # the overlay reaches the device once the preserves are durable
+    with open(loop_device, "rb") as raw:  # read back through the kernel, not the engine
+        raw.seek(CHUNK)
+        assert raw.read(3 * CHUNK) == bytes(3 * CHUNK)
+    other = Engine.open(tmp_path / "other")
+    try:
+        with pytest.raises(Locked, match="in use"):
+            other.create_volume("b", backing=loop_device)  # held O_EXCL by the first
+    finally:
+        other.close()
