@@ -37,6 +37,16 @@ from .origin import Origin
 
 ZERO = -1  # the slot of a zero entry
 
+_ZEROES: dict[int, bytes] = {}
+
+
+def zeroes(length: int) -> bytes:
+    """A shared, immutable run of zero bytes."""
+    z = _ZEROES.get(length)
+    if z is None:
+        z = _ZEROES[length] = bytes(length)
+    return z
+
 Entry = tuple[int, int, bytes | None]  # (epoch, slot, xxh3-128)
 
 
@@ -56,6 +66,22 @@ class Pending:
     slot: int  # ZERO for a zero entry
     hash: bytes | None
     seq: int  # the engine-wide order of preserves (flush waits for a sequence number)
+    dirty: list[list[int]] = field(default_factory=list)  # [start, end) of `new` written
+
+    def update(self, start: int, data: bytes | bytearray | memoryview) -> None:
+        """Apply a write to the overlay; remember the range (only it goes to the origin)."""
+        end = start + len(data)
+        self.new[start:end] = data
+        for span in self.dirty:
+            if span[0] <= end and start <= span[1]:
+                span[0], span[1] = min(span[0], start), max(span[1], end)
+                return
+        self.dirty.append([start, end])
+
+    def write_back(self, origin: Origin, base: int) -> None:
+        """Write the overlay's written ranges to the origin (the rest equals it already)."""
+        for start, end in self.dirty:
+            origin.pwrite(base + start, memoryview(self.new)[start:end])
 
 
 @dataclass
@@ -254,9 +280,9 @@ class CowVolume:
                     run_start = -1
                 base = chunk * cs
                 if data is None:
-                    pending.new[pos - base : hi - base] = bytes(hi - pos)
+                    pending.update(pos - base, zeroes(hi - pos))
                 else:
-                    pending.new[pos - base : hi - base] = data[pos - offset : hi - offset]
+                    pending.update(pos - base, memoryview(data)[pos - offset : hi - offset])
             pos = hi
         if run_start >= 0:
             self._direct(run_start, end - run_start, data, run_start - offset, punch)
@@ -285,13 +311,13 @@ class CowVolume:
         entries.append((pending.epoch, pending.slot, pending.hash))
         self.changed.add(pending.chunk)
         self.done.add(pending.chunk)
-        self.origin.pwrite(pending.chunk * self.chunk_size, pending.new)
+        pending.write_back(self.origin, pending.chunk * self.chunk_size)
         del self.pending[pending.chunk]
         return self.entry_needed(entries, len(entries) - 1)
 
     def abandon_preserve(self, pending: Pending) -> None:
         """The preserve failed: the write still reaches the origin (it was acknowledged)."""
-        self.origin.pwrite(pending.chunk * self.chunk_size, pending.new)
+        pending.write_back(self.origin, pending.chunk * self.chunk_size)
         del self.pending[pending.chunk]
 
     # --- freeing -------------------------------------------------------------------------

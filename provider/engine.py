@@ -50,7 +50,7 @@ from pyroaring import BitMap64
 from . import extents
 from .api import SnapshotInfo, VolumeInfo
 from .catalog import Catalog
-from .cow import ZERO, CowVolume, Entry, Pending, Snapshot
+from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, zeroes
 from .diffarea import DiffArea
 from .errors import (
     AlreadyExists,
@@ -68,7 +68,7 @@ from .errors import (
 from .exports import OriginDevice, SnapshotDevice
 from .fileio import flock_exclusive
 from .origin import Origin
-from .preserver import Preserver
+from .preserver import Gate, Preserver
 from .volumes import DEFAULT_CHUNK_SIZE, Provisioned, VolumeSpec, discard_origin, provision
 
 log = logging.getLogger("shadowblk.engine")
@@ -85,16 +85,6 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-_ZEROES: dict[int, bytes] = {}
-
-
-def zeroes(length: int) -> bytes:
-    z = _ZEROES.get(length)
-    if z is None:
-        z = _ZEROES[length] = bytes(length)
-    return z
-
-
 class Engine:
     """All volumes of one state directory."""
 
@@ -109,7 +99,8 @@ class Engine:
         self.unavailable: dict[str, str] = {}  # volume name -> why it could not be opened
         self._exports: dict[str, int] = {}  # volume name -> open devices
         self.stats = {"commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0}
-        self._preserver = Preserver(self._cond, catalog, self._free, self.stats)
+        self._gate = Gate()  # lets the preserver take `_lock` between inline I/O calls
+        self._preserver = Preserver(self._cond, self._gate, catalog, self._free, self.stats)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -476,11 +467,13 @@ class Engine:
 
     def read_origin(self, vol: CowVolume, offset: int, length: int) -> bytes:
         _check_range(vol, offset, length)
+        self._gate.pass_through()
         with self._lock:
             return vol.read_origin(offset, length)
 
     def read_snapshot(self, vol: CowVolume, snap: Snapshot, offset: int, length: int) -> bytes:
         _check_range(vol, offset, length)
+        self._gate.pass_through()
         with self._lock:
             self._check_live(vol, snap)
             return vol.read_snapshot(
@@ -542,6 +535,7 @@ class Engine:
         self, vol: CowVolume, offset: int, length: int, data: Buffer | None, punch: bool
     ) -> bool:
         _check_range(vol, offset, length)
+        self._gate.pass_through()
         with self._lock:
             if vol.row["full_policy"] == "fail-writes" and vol.new_preserves(offset, length):
                 return False  # under fail-writes nothing that needs a preserve is acked early

@@ -37,17 +37,44 @@ MAX_BATCH = 512  # preserves per group commit
 Freed = dict[CowVolume, list[tuple[int, Entry]]]
 
 
+class Gate:
+    """A turnstile in front of the engine lock, so the preserver gets it in turn.
+
+    Python locks are not fair: a thread that releases the engine lock and takes it again at
+    once (the trio thread serving a stream of small writes) can starve the preserver, which
+    then applies nothing while the overlay fills. The preserver holds the gate while it
+    waits for the lock; the I/O path passes through the gate before taking the lock, so it
+    queues behind the preserver instead of overtaking it. Cost when uncontended: one
+    acquire and release of a free lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def pass_through(self) -> None:
+        self._lock.acquire()
+        self._lock.release()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class Preserver:
     """The queue of pending preserves and the thread that commits them in batches."""
 
     def __init__(
         self,
         cond: threading.Condition,
+        gate: Gate,
         catalog: Catalog,
         free: Callable[[CowVolume, list[tuple[int, Entry]]], None],
         stats: dict[str, int],
     ) -> None:
         self._cond = cond
+        self._gate = gate
         self._catalog = catalog
         self._free = free
         self._stats = stats
@@ -119,12 +146,16 @@ class Preserver:
             log.error("preserving %d chunks failed: %s", len(batch), e)
             failed = e
         garbage: Freed = {}
-        with self._cond:
+        with self._gate:
+            self._cond.acquire()
+        try:
             for p in batch:
                 self._apply(p, failed, garbage)
                 self.overlay_bytes -= len(p.new)
             self.applied_seq = batch[-1].seq
             self._cond.notify_all()
+        finally:
+            self._cond.release()
         for vol, freed in garbage.items():
             self._free(vol, freed)
 
