@@ -109,7 +109,7 @@ def check_cut(
     crash); writes acknowledged since then, before the create was requested, must be in.
     """
     latest_acked = dict(enumerate(baseline))
-    for seq, (block, issued, acked) in log.writes.items():
+    for seq, (block, issued, acked) in list(log.writes.items()):
         if acked and acked < requested and issued > log.started_at:
             latest_acked[block] = max(latest_acked[block], seq)
     for b, seq in enumerate(seqs):
@@ -223,7 +223,7 @@ class Crasher:
     def check_origin(self) -> None:
         origin = decode(read_export(self.uri("v")))
         starts = self.log.incarnations
-        for seq, (block, issued, acked) in self.log.writes.items():
+        for seq, (block, issued, acked) in list(self.log.writes.items()):
             incarnation = max(s for s in starts if s < issued)
             if acked and acked < self.log.flushed_at.get(incarnation, 0):
                 assert origin[block] >= seq, f"flushed write {seq} to block {block} was lost"
