@@ -66,22 +66,31 @@ class Pending:
     slot: int  # ZERO for a zero entry
     hash: bytes | None
     seq: int  # the engine-wide order of preserves (flush waits for a sequence number)
-    dirty: list[list[int]] = field(default_factory=list)  # [start, end) of `new` written
+    # what was done to `new`, in order: [start, end, how], how DATA, ZEROED or PUNCHED
+    dirty: list[list[int]] = field(default_factory=list)
 
-    def update(self, start: int, data: bytes | bytearray | memoryview) -> None:
-        """Apply a write to the overlay; remember the range (only it goes to the origin)."""
+    def update(self, start: int, data: bytes | bytearray | memoryview, how: int = 0) -> None:
+        """Apply a write (or, with `how`, a zeroing) to the overlay and remember the range:
+        only it goes to the origin, the rest of the chunk equals the origin already."""
         end = start + len(data)
         self.new[start:end] = data
-        for span in self.dirty:
-            if span[0] <= end and start <= span[1]:
-                span[0], span[1] = min(span[0], start), max(span[1], end)
-                return
-        self.dirty.append([start, end])
+        last = self.dirty[-1] if self.dirty else None
+        if last is not None and last[2] == how and last[0] <= end and start <= last[1]:
+            last[0], last[1] = min(last[0], start), max(last[1], end)
+        else:
+            self.dirty.append([start, end, how])
 
     def write_back(self, origin: Origin, base: int) -> None:
-        """Write the overlay's written ranges to the origin (the rest equals it already)."""
-        for start, end in self.dirty:
-            origin.pwrite(base + start, memoryview(self.new)[start:end])
+        """Replay the overlay's ranges on the origin, in order: data from `new` (its final
+        contents), zeroed ranges as zeroing (a hole where the volume is sparse)."""
+        for start, end, how in self.dirty:
+            if how == DATA:
+                origin.pwrite(base + start, memoryview(self.new)[start:end])
+            else:
+                origin.zero(base + start, end - start, punch=how == PUNCHED)
+
+
+DATA, ZEROED, PUNCHED = 0, 1, 2  # how an overlay range was written
 
 
 @dataclass
@@ -280,7 +289,8 @@ class CowVolume:
                     run_start = -1
                 base = chunk * cs
                 if data is None:
-                    pending.update(pos - base, zeroes(hi - pos))
+                    how = PUNCHED if punch and self.row["sparse"] else ZEROED
+                    pending.update(pos - base, zeroes(hi - pos), how)
                 else:
                     pending.update(pos - base, memoryview(data)[pos - offset : hi - offset])
             pos = hi

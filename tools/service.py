@@ -2,13 +2,15 @@
 
 Lifetime, in order:
 1. SIGINT/SIGTERM are watched from the start; either one cancels everything below.
-2. The state directory is created if missing and the engine opened (`Engine.open` takes the
+2. The TCP listener's options are checked (`--nbd-listen` in plain text only on loopback;
+   the TLS certificate and key load), before anything is opened.
+3. The state directory is created if missing and the engine opened (`Engine.open` takes the
    state directory's lock: a second service there gets `Locked`).
-3. `--init-volume` volumes that do not exist yet are created.
-4. One nursery runs the NBD server (`<state>/nbd.sock`) and the control server
-   (`<state>/control.sock`); once both listen, readiness is reported (task_status and a
-   "ready" log line naming both sockets).
-5. On a signal: the listeners stop accepting, their connections are closed (in-flight engine
+4. `--init-volume` volumes that do not exist yet are created.
+5. One nursery runs the NBD server (`<state>/nbd.sock`, and TCP with `--nbd-listen`) and
+   the control server (`<state>/control.sock`); once all listen, readiness is reported
+   (task_status and a "ready" log line naming the sockets).
+6. On a signal: the listeners stop accepting, their connections are closed (in-flight engine
    calls finish first: worker threads are never abandoned), then the engine is closed from
    the exit stack, shielded from the cancellation, and `run` returns normally (exit 0).
 """
@@ -19,8 +21,10 @@ import datetime
 import logging
 import os
 import signal
+import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ import trio
 from shadowblk.provider.api import EngineAPI
 from shadowblk.provider.engine import Engine
 from shadowblk.provider.nbd.server import NBDServer
+from shadowblk.provider.nbd.tls import check_listen_address, server_context
 
 from .client import CONTROL_SOCKET, NBD_SOCKET
 from .control import ControlServer
@@ -43,6 +48,9 @@ log = logging.getLogger("shadowblk.service")
 class ServiceConfig:
     state_dir: Path
     init_volumes: list[tuple[str, int]] = field(default_factory=list)
+    nbd_listen: tuple[str, int] | None = None  # (host, port) of the TCP listener
+    tls_cert: Path | None = None  # with tls_key: TLS required on the TCP listener
+    tls_key: Path | None = None
 
 
 class Service:
@@ -51,6 +59,11 @@ class Service:
         self.control_path = self.state_dir / CONTROL_SOCKET
         self.nbd_path = self.state_dir / NBD_SOCKET
         self.init_volumes = config.init_volumes
+        self.nbd_listen = config.nbd_listen
+        self.tls_files = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls_files = (config.tls_cert, config.tls_key)
+        self.tls: ssl.SSLContext | None = None  # loaded at start
         self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.nbd: NBDServer | None = None  # set while serving
         self.control: ControlServer | None = None  # set while serving; pushes events
@@ -64,8 +77,16 @@ class Service:
                 "version": _version(),
                 "started": self.started,
             },
-            "listeners": {"control": str(self.control_path), "nbd": str(self.nbd_path)},
+            "listeners": self._listeners(),
         }
+
+    def _listeners(self) -> dict[str, str]:
+        listeners = {"control": str(self.control_path), "nbd": str(self.nbd_path)}
+        if self.nbd_listen is not None:
+            host, port = self.nbd_listen
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            listeners["nbd_tcp"] = where + (" (TLS)" if self.tls_files else "")
+        return listeners
 
     async def run(
         self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
@@ -88,15 +109,18 @@ class Service:
 
     async def _serve(self, task_status: trio.TaskStatus[Service]) -> None:
         async with AsyncExitStack() as stack:
+            await trio.to_thread.run_sync(self._check_tcp_listener)
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             engine = await trio.to_thread.run_sync(Engine.open, self.state_dir)
             stack.push_async_callback(_close_engine, engine)
             await trio.to_thread.run_sync(self._create_init_volumes, engine)
             async with trio.open_nursery() as servers:
                 await self._start_servers(engine, servers)
+                tcp = self._listeners().get("nbd_tcp")
                 log.info(
-                    "ready: control socket %s, NBD socket %s (pid %d)",
-                    self.control_path, self.nbd_path, os.getpid(),
+                    "ready: control socket %s, NBD socket %s%s (pid %d)",
+                    self.control_path, self.nbd_path, f", NBD on TCP {tcp}" if tcp else "",
+                    os.getpid(),
                 )
                 task_status.started(self)
                 await trio.sleep_forever()
@@ -104,10 +128,22 @@ class Service:
     async def _start_servers(self, engine: EngineAPI, servers: trio.Nursery) -> None:
         self.nbd = NBDServer(engine)
         await servers.start(self.nbd.serve_unix, self.nbd_path)
+        if self.nbd_listen is not None:
+            host, port = self.nbd_listen
+            await servers.start(partial(self.nbd.serve_tcp, host, port, tls=self.tls))
         stats: dict[str, StatsSource] = {"nbd": self.nbd.statistics}
         self.control = ControlServer(OpContext(engine, self.info, stats))
         stats["control"] = self.control.statistics
         await servers.start(self.control.serve_unix, self.control_path)
+
+    def _check_tcp_listener(self) -> None:
+        """Refuse plain text off loopback, load the TLS context: before opening anything."""
+        if self.nbd_listen is None:
+            return
+        if self.tls_files is not None:
+            self.tls = server_context(*self.tls_files)
+        host, port = self.nbd_listen
+        check_listen_address(host, port, tls=self.tls is not None)
 
     def _create_init_volumes(self, engine: EngineAPI) -> None:
         existing = {v.name: v for v in engine.volumes()}

@@ -3,14 +3,22 @@
 States: GREETING → OPTIONS → TRANSMISSION (an export chosen by NBD_OPT_GO or
 NBD_OPT_EXPORT_NAME) or CLOSED (NBD_OPT_ABORT). Options are a table keyed by option number
 (`_OPTIONS`); one missing from it is answered NBD_REP_ERR_UNSUP and haggling goes on, as
-are NBD_OPT_INFO / NBD_OPT_GO information types (`_INFOS`). An `OptionError` becomes an
-error reply; a `Disconnect` (bad magic, unknown client flags, an option longer than
-MAX_OPTION_LENGTH, a refused NBD_OPT_EXPORT_NAME) ends the connection. A client that did
-not set NBD_FLAG_C_FIXED_NEWSTYLE may only send NBD_OPT_EXPORT_NAME.
+are unknown NBD_OPT_INFO / NBD_OPT_GO information types. An `OptionError` becomes an error
+reply; a `Disconnect` (bad magic, unknown client flags, an option longer than
+MAX_OPTION_LENGTH, a refused NBD_OPT_EXPORT_NAME, a failed TLS handshake) ends the
+connection. A client that did not set NBD_FLAG_C_FIXED_NEWSTYLE may only send
+NBD_OPT_EXPORT_NAME.
 
-Registry calls and `BlockDevice.close` may block: they run in worker threads. Once
-NBD_OPT_GO or NBD_OPT_EXPORT_NAME has opened an export it is `self.device`, and the
-connection closes it whatever happens next; NBD_OPT_INFO closes what it opened itself.
+TLS (FORCEDTLS mode, on a listener given an SSL context): until NBD_OPT_STARTTLS succeeds,
+every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT is answered NBD_REP_ERR_TLS_REQD, and
+NBD_OPT_EXPORT_NAME ends the connection. After the ACK the stream is upgraded in place
+(`Wire.start_tls`) and the negotiation state is reset. Without a context (NOTLS mode, the
+Unix socket) NBD_OPT_STARTTLS is NBD_REP_ERR_POLICY.
+
+The options about exports (INFO, GO, the meta contexts) are in negotiate.py. Registry calls
+and `BlockDevice.close` may block: they run in worker threads. Once NBD_OPT_GO or
+NBD_OPT_EXPORT_NAME has opened an export it is `self.device`, and the connection closes it
+whatever happens next; every other option closes what it opened itself before replying.
 """
 
 from __future__ import annotations
@@ -18,55 +26,54 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..api import BlockDevice, ExportRegistry
-from ..errors import ShadowblkError
+from .codec import (
+    decode_client_flags,
+    decode_name,
+    decode_option_header,
+    encode_export_name_reply,
+    encode_greeting,
+    encode_option_reply,
+    encode_server,
+    encode_string,
+)
+from .commands import transmission_flags
+from .negotiate import ExportOptions
 from .protocol import (
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,
-    INFO_BLOCK_SIZE,
-    INFO_DESCRIPTION,
-    INFO_EXPORT,
-    INFO_NAME,
-    MAX_REQUEST_LENGTH,
     OPT_ABORT,
     OPT_EXPORT_NAME,
     OPT_GO,
     OPT_INFO,
     OPT_LIST,
+    OPT_LIST_META_CONTEXT,
+    OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY,
     OPTION_HEADER,
     REP_ACK,
     REP_ERR_INVALID,
-    REP_ERR_UNKNOWN,
+    REP_ERR_POLICY,
+    REP_ERR_TLS_REQD,
     REP_ERR_UNSUP,
-    REP_INFO,
     REP_SERVER,
     U32,
     Buffer,
     Disconnect,
-    InfoRequest,
     OptionError,
-    decode_client_flags,
-    decode_info_request,
-    decode_name,
-    decode_option_header,
-    encode_export_name_reply,
-    encode_greeting,
-    encode_info_block_size,
-    encode_info_export,
-    encode_info_string,
-    encode_option_reply,
-    encode_server,
-    encode_string,
-    wanted_infos,
 )
-from .transmission import Session, transmission_flags
+from .session import Session
 from .wire import Wire
 
 log = logging.getLogger(__name__)
+
+_ALLOWED_BEFORE_TLS = (OPT_STARTTLS, OPT_ABORT)
 
 
 class State(enum.Enum):
@@ -76,11 +83,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Handshake:
-    def __init__(self, wire: Wire, registry: ExportRegistry) -> None:
+class Handshake(ExportOptions):
+    def __init__(
+        self, wire: Wire, registry: ExportRegistry, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.wire = wire
         self.registry = registry
-        self.session = Session()
+        self.session = Session(tls_context=tls)
         self.state = State.GREETING
         self.device: BlockDevice | None = None
 
@@ -107,23 +116,25 @@ class Handshake:
     async def _dispatch(self, option: int, data: Buffer) -> None:
         handler = _OPTIONS.get(option, Handshake._unsupported)
         try:
+            if self._tls_pending() and option not in _ALLOWED_BEFORE_TLS:
+                if option == OPT_EXPORT_NAME:
+                    raise Disconnect("NBD_OPT_EXPORT_NAME before TLS on a TLS listener")
+                raise OptionError(REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
             await handler(self, option, data)
         except OptionError as exc:
             log.info("nbd conn %d: option %d refused: %s", self.wire.ident, option, exc)
             await self._reply(option, exc.reply, encode_string(exc.message))
 
+    def _tls_pending(self) -> bool:
+        return self.session.tls_context is not None and not self.wire.tls
+
     async def _reply(self, option: int, reply: int, payload: Buffer = b"") -> None:
         await self.wire.send(encode_option_reply(option, reply, payload))
 
-    async def _open(self, name: str) -> BlockDevice:
-        try:
-            return await trio.to_thread.run_sync(self.registry.open_export, name)
-        except ShadowblkError as exc:
-            raise OptionError(REP_ERR_UNKNOWN, exc.message) from None
-
-    def _enter_transmission(self, device: BlockDevice) -> None:
+    def _enter_transmission(self, device: BlockDevice, name: str) -> None:
         """From here on the connection owns `device` and closes it when it ends."""
         self.device = device
+        self.session.enter_export(name)
         self.state = State.TRANSMISSION
 
     # Options.
@@ -144,88 +155,47 @@ class Handshake:
         replies.append(encode_option_reply(option, REP_ACK))
         await self.wire.send(b"".join(replies))
 
+    async def _starttls(self, option: int, data: Buffer) -> None:
+        context = self.session.tls_context
+        if data:
+            raise OptionError(REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if context is None:
+            raise OptionError(REP_ERR_POLICY, "TLS is not offered on this listener")
+        if self.wire.tls:
+            raise OptionError(REP_ERR_INVALID, "TLS is already active")
+        await self._reply(option, REP_ACK)
+        await self.wire.start_tls(context)
+        self.session.reset_after_starttls()
+        log.debug("nbd conn %d: TLS started", self.wire.ident)
+
+    async def _structured_reply(self, option: int, data: Buffer) -> None:
+        if data:
+            raise OptionError(REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        self.session.structured_replies = True
+        await self._reply(option, REP_ACK)
+
     async def _export_name(self, option: int, data: Buffer) -> None:
         try:
-            device = await self._open(decode_name(data))
+            name = decode_name(data)
+            device = await self._open(name)
         except OptionError as exc:  # this option cannot be answered with an error
             raise Disconnect(f"NBD_OPT_EXPORT_NAME refused: {exc.message}") from None
-        self._enter_transmission(device)
+        self._enter_transmission(device, name)
         tflags = transmission_flags(device, self.session)
         no_zeroes = self.session.no_zeroes
         await self.wire.send(encode_export_name_reply(device.size, tflags, no_zeroes=no_zeroes))
 
-    async def _info_or_go(self, option: int, data: Buffer) -> None:
-        request = decode_info_request(data)
-        device = await self._open(request.name)
-        if option == OPT_GO:
-            self._enter_transmission(device)
-            await self.wire.send(await self._info_replies(option, device, request))
-            return
-        try:
-            replies = await self._info_replies(option, device, request)
-        finally:
-            await release_export(device)  # before the reply: the client may count on it
-        await self.wire.send(replies)
-
-    async def _info_replies(self, option: int, device: BlockDevice, request: InfoRequest) -> bytes:
-        """NBD_REP_INFO for INFO_EXPORT and each known type asked for, then NBD_REP_ACK."""
-        replies = []
-        for info in wanted_infos(request.infos):
-            builder = _INFOS.get(info)
-            payload = await builder(self, device, request.name) if builder else None
-            if payload is not None:
-                replies.append(encode_option_reply(option, REP_INFO, payload))
-        replies.append(encode_option_reply(option, REP_ACK))
-        return b"".join(replies)
-
-    # Information types; None: nothing to send.
-
-    async def _info_export(self, device: BlockDevice, name: str) -> bytes | None:
-        return encode_info_export(device.size, transmission_flags(device, self.session))
-
-    async def _info_name(self, device: BlockDevice, name: str) -> bytes | None:
-        return encode_info_string(INFO_NAME, name)
-
-    async def _info_description(self, device: BlockDevice, name: str) -> bytes | None:
-        exports = await trio.to_thread.run_sync(self.registry.export_names)
-        description = dict(exports).get(name)
-        return encode_info_string(INFO_DESCRIPTION, description) if description else None
-
-    async def _info_block_size(self, device: BlockDevice, name: str) -> bytes | None:
-        return encode_info_block_size(1, preferred_block_size(device), MAX_REQUEST_LENGTH)
-
-
-def preferred_block_size(device: BlockDevice) -> int:
-    """The engine's chunk size (writes of whole chunks need no read-modify-write)."""
-    size = device.chunk_size
-    if 512 <= size <= MAX_REQUEST_LENGTH and size & (size - 1) == 0:
-        return size
-    return 4096
-
-
-async def release_export(device: BlockDevice) -> None:
-    """Close an export (this unpins a snapshot), even while being cancelled."""
-    with trio.CancelScope(shield=True):
-        try:
-            await trio.to_thread.run_sync(device.close)
-        except Exception:
-            log.exception("nbd: closing export %s failed", device.name)
-
 
 _OptionHandler = Callable[[Handshake, int, Buffer], Awaitable[None]]
-_InfoBuilder = Callable[[Handshake, BlockDevice, str], Awaitable[bytes | None]]
 
 _OPTIONS: dict[int, _OptionHandler] = {
     OPT_EXPORT_NAME: Handshake._export_name,
     OPT_ABORT: Handshake._abort,
     OPT_LIST: Handshake._list,
+    OPT_STARTTLS: Handshake._starttls,
     OPT_INFO: Handshake._info_or_go,
     OPT_GO: Handshake._info_or_go,
-}
-
-_INFOS: dict[int, _InfoBuilder] = {
-    INFO_EXPORT: Handshake._info_export,
-    INFO_NAME: Handshake._info_name,
-    INFO_DESCRIPTION: Handshake._info_description,
-    INFO_BLOCK_SIZE: Handshake._info_block_size,
+    OPT_STRUCTURED_REPLY: Handshake._structured_reply,
+    OPT_LIST_META_CONTEXT: Handshake._meta_context,
+    OPT_SET_META_CONTEXT: Handshake._meta_context,
 }

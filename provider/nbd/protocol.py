@@ -1,17 +1,16 @@
-"""The NBD wire format: constants, struct layouts, encoders and decoders. No I/O here.
+"""The NBD wire format: constants, struct layouts, message types and errors. No I/O here.
 
-Numbers and layouts follow the normative spec, NetworkBlockDevice/nbd `doc/proto.md`. All
-integers are big-endian. Decoders raise `Disconnect` when the peer broke a MUST (the server
-then drops the connection) and `OptionError` when an option deserves an error reply
-(negotiation goes on). Constants for features that are not served yet (structured replies,
-meta contexts, TRIM, WRITE_ZEROES, CACHE, TLS) are listed so later code finds them here.
+Numbers and layouts follow the normative spec, NetworkBlockDevice/nbd `doc/proto.md`, and
+the `qemu:` meta-context namespace of qemu's `docs/interop/nbd.rst`. All integers are
+big-endian. Encoders and decoders live in codec.py. A decoder raises `Disconnect` when the
+peer broke a MUST (the server then drops the connection) and `OptionError` when an option
+deserves an error reply (negotiation goes on).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterable
 from typing import NamedTuple
 
 # Magic numbers.
@@ -20,7 +19,7 @@ IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": newstyle greeting and every option 
 OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF  # issue 3
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 # Handshake flags (server, 16 bits) and client flags (32 bits).
 FLAG_FIXED_NEWSTYLE = 1 << 0
@@ -53,7 +52,7 @@ OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
-OPT_EXTENDED_HEADERS = 11
+OPT_EXTENDED_HEADERS = 11  # not served: answered NBD_REP_ERR_UNSUP
 
 # Option reply types; errors have bit 31 set.
 REP_ACK = 1
@@ -91,6 +90,22 @@ CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
 
+# Structured reply flags and chunk types.
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = 2**15 + 1
+REPLY_TYPE_ERROR_OFFSET = 2**15 + 2
+
+# Meta contexts: the namespaces served and the flags of their extents.
+CONTEXT_BASE_ALLOCATION = "base:allocation"
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"  # followed by a snapshot name, VOLUME@N
+STATE_HOLE = 1 << 0  # base:allocation
+STATE_ZERO = 1 << 1  # base:allocation
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:*
+
 # Error values of the transmission phase: NBD's own numbers, not the host's errno.
 NBD_EPERM = 1
 NBD_EIO = 5
@@ -102,15 +117,17 @@ NBD_ENOTSUP = 95
 NBD_ESHUTDOWN = 108
 
 # Limits.
-MAX_STRING = 4096  # export names, descriptions, messages
+MAX_STRING = 4096  # export names, descriptions, messages, context names
 MAX_OPTION_LENGTH = 64 * 1024  # longer options are a denial of service: hard disconnect
-MAX_REQUEST_LENGTH = 32 * 1024 * 1024  # largest read or write served
+MAX_REQUEST_LENGTH = 32 * 1024 * 1024  # largest read or write payload served
 ABSURD_REQUEST_LENGTH = 64 * 1024 * 1024  # a write payload above this: hard disconnect
+MAX_EXTENTS = 64 * 1024  # descriptors per BLOCK_STATUS chunk (the spec lets us send fewer)
 EXPORT_NAME_PADDING = bytes(124)  # after NBD_OPT_EXPORT_NAME's reply, unless NO_ZEROES
 
 # Struct layouts.
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
 OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
@@ -119,8 +136,13 @@ INFO_EXPORT_LAYOUT = struct.Struct(">HQH")  # type, size, transmission flags
 INFO_BLOCK_SIZE_LAYOUT = struct.Struct(">HIII")  # type, minimum, preferred, maximum
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
+DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # ... and the offset of OFFSET_DATA
+HOLE_CHUNK = struct.Struct(">IHHQIQI")  # ... the offset and size of OFFSET_HOLE
+ERROR_PAYLOAD = struct.Struct(">IH")  # error, message length (then the message)
+EXTENT = struct.Struct(">II")  # length, status flags
 
-Buffer = bytes | bytearray
+Buffer = bytes | bytearray | memoryview
 
 
 class Disconnect(Exception):
@@ -137,6 +159,15 @@ class OptionError(Exception):
         self.message = message
 
 
+class RequestError(Exception):
+    """A request answered with an NBD error (`error` is an NBD_E*); the connection goes on."""
+
+    def __init__(self, error: int, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
 class Request(NamedTuple):
     magic: int
     flags: int
@@ -145,120 +176,21 @@ class Request(NamedTuple):
     offset: int
     length: int
 
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
 
 class InfoRequest(NamedTuple):
     name: str
     infos: tuple[int, ...]
 
 
-def encode_string(text: str) -> bytes:
-    """UTF-8, cut to MAX_STRING bytes without splitting a character."""
-    raw = text.encode()
-    if len(raw) <= MAX_STRING:
-        return raw
-    return raw[:MAX_STRING].decode(errors="ignore").encode()
+class MetaRequest(NamedTuple):
+    """NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT data."""
 
-
-# Handshake.
-
-
-def encode_greeting() -> bytes:
-    return GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS)
-
-
-def decode_client_flags(data: Buffer) -> int:
-    (flags,) = U32.unpack(data)
-    if flags & ~KNOWN_CLIENT_FLAGS:
-        raise Disconnect(f"unknown client flags {flags:#x}")
-    return int(flags)
-
-
-def decode_option_header(data: Buffer) -> tuple[int, int]:
-    """(option, length of its data) from the 16-byte option header."""
-    magic, option, length = OPTION_HEADER.unpack(data)
-    if magic != IHAVEOPT:
-        raise Disconnect(f"bad option magic {magic:#x}")
-    if length > MAX_OPTION_LENGTH:
-        raise Disconnect(f"option {option} declares {length} bytes of data")
-    return option, length
-
-
-def encode_option_reply(option: int, reply: int, payload: Buffer = b"") -> bytes:
-    return OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)) + payload
-
-
-def encode_server(name: str, description: str) -> bytes:
-    """Payload of NBD_REP_SERVER: the name, then a description for humans."""
-    raw = name.encode()
-    return U32.pack(len(raw)) + raw + encode_string(description)
-
-
-def encode_export_name_reply(size: int, tflags: int, *, no_zeroes: bool) -> bytes:
-    padding = b"" if no_zeroes else EXPORT_NAME_PADDING
-    return EXPORT_NAME_REPLY.pack(size, tflags) + padding
-
-
-def decode_name(raw: Buffer) -> str:
-    """An export name: UTF-8, at most MAX_STRING bytes, no NUL."""
-    if len(raw) > MAX_STRING:
-        raise OptionError(REP_ERR_TOO_BIG, f"export name longer than {MAX_STRING} bytes")
-    try:
-        name = bytes(raw).decode()
-    except UnicodeDecodeError:
-        raise OptionError(REP_ERR_INVALID, "export name is not UTF-8") from None
-    if "\0" in name:
-        raise OptionError(REP_ERR_INVALID, "export name contains NUL")
-    return name
-
-
-def decode_info_request(data: Buffer) -> InfoRequest:
-    """NBD_OPT_INFO / NBD_OPT_GO data: name length, name, count, count info types."""
-    if len(data) < 6:
-        raise OptionError(REP_ERR_INVALID, "option data too short")
-    (name_len,) = U32.unpack_from(data, 0)
-    if 4 + name_len + 2 > len(data):
-        raise OptionError(REP_ERR_INVALID, "export name overruns the option")
-    (count,) = U16.unpack_from(data, 4 + name_len)
-    if len(data) != 4 + name_len + 2 + 2 * count:
-        raise OptionError(REP_ERR_INVALID, "information requests do not match the length")
-    infos = struct.unpack_from(f">{count}H", data, 6 + name_len)
-    return InfoRequest(decode_name(data[4 : 4 + name_len]), infos)
-
-
-def encode_info_export(size: int, tflags: int) -> bytes:
-    return INFO_EXPORT_LAYOUT.pack(INFO_EXPORT, size, tflags)
-
-
-def encode_info_string(info: int, text: str) -> bytes:
-    """NBD_INFO_NAME or NBD_INFO_DESCRIPTION."""
-    return U16.pack(info) + encode_string(text)
-
-
-def encode_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
-    return INFO_BLOCK_SIZE_LAYOUT.pack(INFO_BLOCK_SIZE, minimum, preferred, maximum)
-
-
-def wanted_infos(requested: Iterable[int]) -> list[int]:
-    """INFO_EXPORT first (always sent), then each other requested type once, in order."""
-    wanted = [INFO_EXPORT]
-    for info in requested:
-        if info not in wanted:
-            wanted.append(info)
-    return wanted
-
-
-# Transmission.
-
-
-def decode_request(data: Buffer) -> Request:
-    request = Request._make(REQUEST.unpack(data))
-    if request.magic != REQUEST_MAGIC:
-        raise Disconnect(f"bad request magic {request.magic:#x}")
-    return request
-
-
-def encode_simple_reply(error: int, handle: int) -> bytes:
-    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+    name: str
+    queries: tuple[str, ...]
 
 
 _NBD_ERRNO = {
@@ -273,6 +205,7 @@ _NBD_ERRNO = {
     errno.EFBIG: NBD_ENOSPC,
     errno.EOVERFLOW: NBD_EOVERFLOW,
     errno.ENOTSUP: NBD_ENOTSUP,
+    errno.EOPNOTSUPP: NBD_ENOTSUP,
     errno.ESHUTDOWN: NBD_ESHUTDOWN,
 }
 

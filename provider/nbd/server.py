@@ -1,31 +1,41 @@
 """The built-in NBD server, on trio: a protocol adapter only.
 
 It translates NBD requests into `BlockDevice` calls (offsets in, bytes or errors out); all
-snapshot semantics live in the engine. Spec: NetworkBlockDevice/nbd doc/proto.md.
+snapshot semantics live in the engine. Spec: NetworkBlockDevice/nbd doc/proto.md; what is
+served, option by option and command by command: docs/nbd.md.
 
 Design notes
 ------------
 Layers. `NBDServer` owns the listeners and the statistics. Each accepted stream runs
-`handle_stream`: a `Wire` (buffered receive, locked send), then a `Handshake`
-(handshake.py), then, if an export was chosen, a `Transmission` (transmission.py). Listener
-code (`serve_unix`; `serve_tcp` in issue 3) never touches the protocol.
+`handle_stream`: a `Wire` (wire.py: buffered receive, locked send, STARTTLS upgrade), then
+a `Handshake` (handshake.py, negotiate.py: options, recorded in a `Session`, session.py),
+then, if an export was chosen, a `Transmission` (transmission.py, commands.py). Encoders
+and decoders are in codec.py, numbers in protocol.py. Listener code (`serve_unix`,
+`serve_tcp`) never touches the protocol; it only says whether TLS is required.
+
+Listeners. The Unix socket (mode 0600) is always plain. A TCP listener (`serve_tcp`) is
+plain only on loopback addresses; given an SSL context it requires TLS of every client
+(FORCEDTLS: NBD_OPT_STARTTLS first, tls.py for the policy and the context).
 
 States of a connection: GREETING → OPTIONS → TRANSMISSION → closed, or OPTIONS → closed
-(NBD_OPT_ABORT, a malformed handshake, a refused NBD_OPT_EXPORT_NAME). Whatever the way
-out, `handle_stream` closes the export first (`BlockDevice.close`, shielded from
-cancellation, so a snapshot is always unpinned), then the stream.
+(NBD_OPT_ABORT, a malformed handshake, a refused NBD_OPT_EXPORT_NAME, a failed TLS
+handshake). Whatever the way out, `handle_stream` closes the export first
+(`BlockDevice.close`, shielded from cancellation, so a snapshot is always unpinned), then
+the stream (after a TLS close_notify, bounded in time, when TLS is up).
 
 What runs where. All protocol code runs in trio tasks. Engine calls that never block for
 long run inline in the connection's reader task, with no await between parsing a request
-and calling the engine: `pread` and `write_nowait` (inline ~3 µs; a worker thread costs
-~60 µs). Calls that may block run in worker threads (`trio.to_thread.run_sync`): registry
-look-ups and `open_export` during the handshake, `close`, and in transmission `flush`,
-`write` (after `write_nowait` returned False) and a FUA write's flush, each from a child
-task of the connection so the reader keeps reading and replies go out of order.
+and calling the engine (inline ~3 µs; a worker thread costs ~60 µs): `pread`, `extents`,
+`write_nowait`, `zero_nowait`. Calls that may block run in worker threads
+(`trio.to_thread.run_sync`): registry look-ups, `open_export`, `dirty_bitmaps` and `close`
+during the handshake, and in transmission `flush`, `write`, `zero`, `cache` and block
+status, each from a child task of the connection so the reader keeps reading and replies
+go out of order.
 
-Locking. One lock per connection, the send lock in `Wire`: a reply (header and data) is
-sent as a unit, by the reader or by a child task. Only the reader receives. The engine is
-thread-safe and needs nothing from us. Counters change only in trio tasks (one thread);
+Locking. One lock per connection, the send lock in `Wire`: a reply (all its parts and
+chunks) is sent as a unit, by the reader or by a child task. Only the reader receives. The
+engine is thread-safe and needs nothing from us; its flush is engine-wide, which is what
+makes CAN_MULTI_CONN true. Counters change only in trio tasks (one thread);
 `statistics()` returns a copy and may be called from any thread.
 
 Failures stay in their connection: a protocol violation, a broken stream or a bug in a
@@ -36,24 +46,31 @@ by its errno; anything unexpected EIO, logged) and the connection goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections import Counter
+from functools import partial
+from typing import Any
 
 import trio
 
 from ..api import BlockDevice, ExportRegistry
 from ..errors import InvalidArgument, Locked
-from .handshake import Handshake, release_export
+from .handshake import Handshake
+from .negotiate import release_export
 from .protocol import Disconnect
+from .tls import check_listen_address
 from .transmission import Transmission
 from .wire import PeerClosed, Wire
 
 log = logging.getLogger(__name__)
 
 _CONNECTION_ENDS = (Disconnect, trio.BrokenResourceError, trio.ClosedResourceError)
+TLS_CLOSE_TIMEOUT = 5.0  # seconds to send a TLS close_notify before closing anyway
 
 
 class NBDServer:
@@ -83,19 +100,45 @@ class NBDServer:
         finally:
             _remove_if_same(path, identity)
 
-    async def _serve(
-        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[None]
+    async def serve_tcp(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
-            task_status.started()
+        """Listen on every address `host` resolves to, `task_status.started(socknames)`,
+        serve until cancelled. Without `tls` only loopback addresses are accepted
+        (InvalidArgument otherwise); with it every client must start TLS."""
+        await trio.to_thread.run_sync(partial(check_listen_address, host, port, tls=bool(tls)))
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        addresses = [listener.socket.getsockname() for listener in listeners]
+        log.info("nbd: listening on TCP %s%s", addresses, " (TLS required)" if tls else "")
+        await self._serve(listeners, task_status, addresses, tls=tls)
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection to its end. Never raises, except trio.Cancelled."""
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[Any],
+        started: Any = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        handler = partial(self.handle_stream, tls=tls)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handler, listeners)
+            task_status.started(started)
+
+    async def handle_stream(
+        self, stream: trio.abc.Stream, *, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Serve one connection to its end (TLS required when `tls` is given). Never
+        raises, except trio.Cancelled."""
         self._counters["connections_open"] += 1
         self._counters["connections_total"] += 1
         wire = Wire(stream, self._counters["connections_total"])
-        handshake = Handshake(wire, self._registry)
+        handshake = Handshake(wire, self._registry, tls)
         try:
             await self._converse(wire, handshake)
         finally:
@@ -121,6 +164,13 @@ class NBDServer:
         if device is not None:
             await release_export(device)
         self._counters["connections_open"] -= 1
+        if wire.tls:  # send close_notify, as the spec asks, but never wait long
+            deadline = trio.current_time() + TLS_CLOSE_TIMEOUT
+            with (
+                trio.CancelScope(shield=True, deadline=deadline),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await wire.stream.aclose()
         await trio.aclose_forcefully(wire.stream)
         log.debug("nbd conn %d: closed", wire.ident)
 

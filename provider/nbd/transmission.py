@@ -1,74 +1,69 @@
-"""The transmission phase: requests in, simple replies out, over one export.
+"""The transmission phase: requests in, replies out (simple or structured), over one export.
 
-Commands are a table keyed by command type (`_COMMANDS`): handler, accepted command flags,
-name. What an export advertises is computed in one place, `transmission_flags`; the two
-must agree. The reader (`_read_loop`) parses a request header, receives its payload into a
-buffer, and dispatches. Fast work runs inline in the reader, with no await between the
-parse and the engine call: reads (`pread`) and writes the engine applies without blocking
-(`write_nowait`). Blocking work (`flush`, `write` after `write_nowait` said no, the flush of
-a FUA write) runs in a worker thread from a child task, so the reader goes on and replies
-go out of order; at most MAX_BLOCKING such requests per connection (then the reader waits).
+Design notes
+------------
+The reader (`_read_loop`) parses a request header, receives a write's payload into a fresh
+buffer of its size, and dispatches to the command table in commands.py, which also
+computes what an export advertises (`transmission_flags`): the two must agree.
+
+What runs where. Fast work runs inline in the reader, with no await between the parse and
+the engine call: `pread`, `extents` (holes of a structured read), `write_nowait`,
+`zero_nowait`. Blocking work runs in a worker thread from a child task (`start_blocking`),
+so the reader goes on and replies go out of order: `flush`, `write` and `zero` when the
+`_nowait` call said no (and `zero(fast=True)` for every FAST_ZERO: only it may refuse), the
+flush of a FUA request, `cache`, and BLOCK_STATUS (its
+dirty-bitmap look-ups may wait on the engine). At most MAX_BLOCKING such requests per
+connection; then the reader waits for a slot.
+
+Replies. Every request is answered exactly once, except NBD_CMD_DISC (none). Without
+structured replies: a simple reply (with the data of a read). With them: a read is
+answered with OFFSET_DATA / OFFSET_HOLE chunks (commands.py), BLOCK_STATUS with one chunk
+per selected context, an error with an NBD_REPLY_TYPE_ERROR chunk carrying a message, and
+any other success with a simple reply (allowed: it has no payload). A handler signals a
+refusal by raising `RequestError`; an engine exception becomes one through `engine()`
+(ShadowblkError and OSError by errno; anything else EIO, logged as a bug). A reply's parts
+go out in one `Wire.send`, under the connection's send lock.
+
+Ending. NBD_CMD_DISC, end of stream between requests, or a protocol error (bad magic, an
+absurd write length, a stream cut mid-request) ends the read loop. `run` then waits for the
+requests still in worker threads, except after a protocol error, where they are abandoned
+(the nursery is cancelled; a worker thread still finishes its engine call).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from functools import partial
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
 from ..api import BlockDevice
 from ..errors import ShadowblkError
+from . import commands
+from .codec import decode_request, encode_error_chunk, encode_simple_reply
 from .protocol import (
     ABSURD_REQUEST_LENGTH,
-    CMD_DISC,
-    CMD_FLAG_FUA,
-    CMD_FLUSH,
-    CMD_READ,
     CMD_WRITE,
     MAX_REQUEST_LENGTH,
     NBD_EINVAL,
     NBD_EIO,
-    NBD_ENOSPC,
-    NBD_EPERM,
     REQUEST,
-    TFLAG_HAS_FLAGS,
-    TFLAG_READ_ONLY,
-    TFLAG_SEND_FLUSH,
-    TFLAG_SEND_FUA,
     Buffer,
     Disconnect,
     Request,
-    decode_request,
-    encode_simple_reply,
+    RequestError,
     nbd_errno,
 )
+from .session import Session
 from .wire import PeerClosed, Wire
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCKING = 16  # requests of one connection waiting on a worker thread
-
-
-@dataclass
-class Session:
-    """What the handshake negotiated, for the transmission phase."""
-
-    fixed_newstyle: bool = False
-    no_zeroes: bool = False
-    # issue 3: structured_replies, meta_contexts, tls
-
-
-def transmission_flags(device: BlockDevice, session: Session) -> int:
-    """What `device` offers on this session; `_COMMANDS` must serve every flag set here."""
-    flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA
-    if device.readonly:
-        flags |= TFLAG_READ_ONLY
-    return flags
+T = TypeVar("T")
+Work = Callable[[], Sequence[Buffer] | None]  # in a thread: reply parts, or None for "ok"
 
 
 class Transmission:
@@ -81,8 +76,8 @@ class Transmission:
         self.device = device
         self.session = session
         self.counters = counters
+        self.done = False  # set by NBD_CMD_DISC
         self._slots = trio.Semaphore(MAX_BLOCKING)
-        self._done = False
 
     async def run(self) -> None:
         """Serve until NBD_CMD_DISC, end of stream or a protocol error. Returns once every
@@ -96,7 +91,7 @@ class Transmission:
                 nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
-        while not self._done:
+        while not self.done:
             request = await self._receive_request()
             if request is None:
                 return
@@ -116,135 +111,91 @@ class Transmission:
 
     async def _receive_payload(self, request: Request) -> Buffer | None:
         """The request's payload; None if it was too large and has been discarded."""
-        if request.type != CMD_WRITE:
+        if request.type != CMD_WRITE or request.length == 0:
             return b""
         if request.length > ABSURD_REQUEST_LENGTH:
             raise Disconnect(f"write payload of {request.length} bytes")
         if request.length > MAX_REQUEST_LENGTH:
             await self.wire.discard(request.length)
             return None
-        return await self.wire.receive_exactly(request.length)
+        return await self.wire.receive_into(request.length)
 
     async def _dispatch(self, request: Request, payload: Buffer | None) -> None:
-        command = _COMMANDS.get(request.type)
-        if command is None or request.flags & ~command.flags or payload is None:
-            log.debug("nbd conn %d: invalid request %s", self.wire.ident, request)
-            await self._reply(request, NBD_EINVAL)
-        else:
-            await command.handler(self, request, payload)
+        try:
+            if payload is None:
+                raise RequestError(NBD_EINVAL, f"writes are limited to {MAX_REQUEST_LENGTH} bytes")
+            handler = commands.handler_for(request, self.session)
+            await handler(self, request, payload)
+        except RequestError as exc:
+            await self.reply_error(request, exc.error, exc.message)
 
-    async def _reply(self, request: Request, error: int, data: Buffer = b"") -> None:
+    # Replies, for the command handlers.
+
+    async def reply_ok(self, request: Request) -> None:
         self.counters["requests_served"] += 1
-        if error:
-            self.counters["request_errors"] += 1
-        await self.wire.send(encode_simple_reply(error, request.handle), data)
+        await self.wire.send(encode_simple_reply(0, request.handle))
 
-    # Commands. Each answers its request, inline or from a child task.
+    async def reply(self, request: Request, *parts: Buffer) -> None:
+        """A successful reply made of `parts` (a simple reply with data, or chunks)."""
+        self.counters["requests_served"] += 1
+        await self.wire.send(*parts)
 
-    async def _read(self, request: Request, payload: Buffer) -> None:
-        end = request.offset + request.length
-        if request.length > MAX_REQUEST_LENGTH or end > self.device.size:
-            await self._reply(request, NBD_EINVAL)
-        elif request.length == 0:
-            await self._reply(request, 0)
+    async def reply_error(self, request: Request, error: int, message: str) -> None:
+        self.counters["requests_served"] += 1
+        self.counters["request_errors"] += 1
+        log.debug("nbd conn %d: %s: error %d: %s", self.wire.ident, request, error, message)
+        if self.session.structured_replies:
+            await self.wire.send(encode_error_chunk(request.handle, error, message))
         else:
-            await self._read_inline(request)
+            await self.wire.send(encode_simple_reply(error, request.handle))
 
-    async def _read_inline(self, request: Request) -> None:
+    def engine(self, request: Request, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call the engine inline; its exceptions become the request's `RequestError`."""
         try:
-            data = self.device.pread(request.offset, request.length)
+            return call(*args, **kwargs)
         except Exception as exc:
-            await self._reply(request, self._error(exc, request))
-            return
-        if len(data) == request.length:
-            await self._reply(request, 0, data)
-        else:
-            log.error("nbd conn %d: pread returned %d bytes", self.wire.ident, len(data))
-            await self._reply(request, NBD_EIO)
+            raise self._request_error(exc, request) from None
 
-    async def _write(self, request: Request, payload: Buffer) -> None:
-        if self.device.readonly:
-            await self._reply(request, NBD_EPERM)
-        elif request.offset + request.length > self.device.size:
-            await self._reply(request, NBD_ENOSPC)
-        elif request.length == 0:
-            await self._reply(request, 0)
-        else:
-            await self._write_inline(request, payload)
-
-    async def _write_inline(self, request: Request, payload: Buffer) -> None:
-        fua = bool(request.flags & CMD_FLAG_FUA)
-        try:
-            applied = self.device.write_nowait(request.offset, payload)
-        except Exception as exc:
-            await self._reply(request, self._error(exc, request))
-            return
-        if applied and not fua:
-            await self._reply(request, 0)
-        elif applied:
-            await self._start_blocking(request, self.device.flush)
-        else:
-            work = partial(self._write_blocking, request.offset, payload, fua)
-            await self._start_blocking(request, work)
-
-    def _write_blocking(self, offset: int, payload: Buffer, fua: bool) -> None:
-        """In a worker thread."""
-        self.device.write(offset, payload)
-        if fua:
-            self.device.flush()
-
-    async def _flush(self, request: Request, payload: Buffer) -> None:
-        await self._start_blocking(request, self.device.flush)
-
-    async def _disconnect(self, request: Request, payload: Buffer) -> None:
-        """No reply; `run` returns once the requests in flight are answered."""
-        self._done = True
+    def log_failure(self, request: Request, what: str, exc: BaseException | None = None) -> None:
+        """Log an engine misbehaviour (a bug, not the client's fault)."""
+        where = f"{commands.name_of(request)} {request.offset}+{request.length}"
+        log.error("nbd conn %d: %s: %s", self.wire.ident, where, what, exc_info=exc)
 
     # Blocking work.
 
-    async def _start_blocking(self, request: Request, work: Callable[[], None]) -> None:
+    async def start_blocking(self, request: Request, work: Work) -> None:
+        """Run `work` in a worker thread from a child task, then reply (see `Work`)."""
         await self._slots.acquire()
         self._nursery.start_soon(self._finish_blocking, request, work)
 
-    async def _finish_blocking(self, request: Request, work: Callable[[], None]) -> None:
+    async def _finish_blocking(self, request: Request, work: Work) -> None:
         try:
-            error = await self._in_thread(request, work)
-            await self._reply(request, error)
+            try:
+                parts = await trio.to_thread.run_sync(work)
+            except Exception as exc:
+                error = self._request_error(exc, request)
+                await self.reply_error(request, error.error, error.message)
+                return
+            if parts is None:
+                await self.reply_ok(request)
+            else:
+                await self.reply(request, *parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("nbd conn %d: reply lost, connection closed", self.wire.ident)
         finally:
             self._slots.release()
 
-    async def _in_thread(self, request: Request, work: Callable[[], None]) -> int:
-        try:
-            await trio.to_thread.run_sync(work)
-        except Exception as exc:
-            return self._error(exc, request)
-        return 0
-
-    def _error(self, exc: Exception, request: Request) -> int:
+    def _request_error(self, exc: Exception, request: Request) -> RequestError:
         """The NBD error for an engine exception; unexpected ones are logged as bugs."""
-        name = _COMMANDS[request.type].name
-        what = f"nbd conn {self.wire.ident}: {name} {request.offset}+{request.length}"
+        if isinstance(exc, RequestError):
+            return exc
+        what = f"nbd conn {self.wire.ident}: {commands.name_of(request)} "
+        what += f"{request.offset}+{request.length}"
         if isinstance(exc, ShadowblkError):
             log.info("%s: %s", what, exc)
-            return nbd_errno(exc.errno)
+            return RequestError(nbd_errno(exc.errno), exc.message)
         if isinstance(exc, OSError):
             log.warning("%s: %s", what, exc)
-            return nbd_errno(exc.errno)
+            return RequestError(nbd_errno(exc.errno), str(exc))
         log.error("%s: unexpected error", what, exc_info=exc)
-        return NBD_EIO
-
-
-class _Command(NamedTuple):
-    handler: Callable[[Transmission, Request, Buffer], Awaitable[None]]
-    flags: int  # the command flags it accepts (FUA: every command, as the spec asks)
-    name: str
-
-
-_COMMANDS: dict[int, _Command] = {
-    CMD_READ: _Command(Transmission._read, CMD_FLAG_FUA, "read"),
-    CMD_WRITE: _Command(Transmission._write, CMD_FLAG_FUA, "write"),
-    CMD_DISC: _Command(Transmission._disconnect, 0xFFFF, "disconnect"),
-    CMD_FLUSH: _Command(Transmission._flush, CMD_FLAG_FUA, "flush"),
-}
+        return RequestError(NBD_EIO, "internal error (logged by the server)")

@@ -1,20 +1,31 @@
-"""One connection's byte stream: exact-size receives through a buffer, sends under a lock.
+"""One connection's byte stream: exact-size receives, message sends under a lock.
 
 Only the connection's reader task receives, so receiving needs no lock. Any task may send
-(the reader inline, a child task after a flush): `send` holds the connection's send lock for
-a whole message, so messages never interleave. STARTTLS (issue 3) will replace `stream` with
-a `trio.SSLStream` over it, between two options, when the buffer is empty.
+(the reader inline, a child task after blocking work): `send` holds the connection's send
+lock for a whole message, so messages never interleave.
+
+No copies of payloads. A write's payload is received straight into a fresh bytearray of
+its size (`receive_into`: recv_into on a socket); a reply's parts (header, data) go out in
+one sendmsg on a socket, never concatenated when large. Over TLS the same calls go through
+the `trio.SSLStream` (which copies into its records anyway).
+
+STARTTLS: `start_tls` replaces `stream` with a `trio.SSLStream` over it, between two options,
+when nothing is buffered (a client that sent bytes after NBD_OPT_STARTTLS before its reply
+broke the protocol).
 """
 
 from __future__ import annotations
+
+import ssl
 
 import trio
 
 from .protocol import Buffer, Disconnect
 
-RECEIVE_CHUNK = 64 * 1024  # ask the kernel for at least this much per receive
+RECEIVE_CHUNK = 64 * 1024  # ask the kernel for at least this much per small receive
 RECEIVE_CAP = 4 * 1024 * 1024  # and never more than this (each receive allocates it)
-JOIN_LIMIT = 64 * 1024  # smaller payloads are joined to their header: one send
+JOIN_LIMIT = 64 * 1024  # parts of a message at most this long in all are joined: one send
+IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 
 
 class PeerClosed(Disconnect):
@@ -30,11 +41,14 @@ class Wire:
     def __init__(self, stream: trio.abc.Stream, ident: int = 0) -> None:
         self.stream = stream
         self.ident = ident  # connection number, for logs
+        self.tls = False
         self._buffer = bytearray()
         self._send_lock = trio.Lock()
 
+    # Receiving (the reader task only).
+
     async def receive_exactly(self, size: int) -> Buffer:
-        """`size` bytes; raises `PeerClosed` at end of stream."""
+        """`size` bytes (a small message); raises `PeerClosed` at end of stream."""
         buffer = self._buffer
         if size == 0:
             return b""
@@ -49,6 +63,26 @@ class Wire:
         del buffer[:size]
         return message
 
+    async def receive_into(self, size: int) -> bytearray:
+        """`size` bytes into a fresh buffer of that size (a payload), with no other copy."""
+        payload = bytearray(size)
+        view = memoryview(payload)
+        filled = min(size, len(self._buffer))
+        view[:filled] = self._buffer[:filled]
+        del self._buffer[:filled]
+        sock = _socket_of(self.stream)
+        while filled < size:
+            if sock is not None:
+                count = await _recv_into(sock, view[filled:])
+            else:
+                data = await self.stream.receive_some(min(size - filled, RECEIVE_CAP))
+                count = len(data)
+                view[filled : filled + count] = data
+            if not count:
+                raise PeerClosed(False)
+            filled += count
+        return payload
+
     async def discard(self, size: int) -> None:
         """Receive and drop `size` bytes without holding them all in memory."""
         while size:
@@ -62,17 +96,64 @@ class Wire:
             raise PeerClosed(clean)
         return data
 
-    async def send(self, header: bytes, payload: Buffer = b"") -> None:
-        """Send one message (a header and an optional payload) as a unit."""
+    # Sending (any task).
+
+    async def send(self, *parts: Buffer) -> None:
+        """Send one message, made of `parts` (a header, data, ...), as a unit."""
         try:
             self._send_lock.acquire_nowait()
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
-            if len(payload) <= JOIN_LIMIT:
-                await self.stream.send_all(header + payload)
-            else:
-                await self.stream.send_all(header)
-                await self.stream.send_all(payload)
+            await self._send_parts(parts)
         finally:
             self._send_lock.release()
+
+    async def _send_parts(self, parts: tuple[Buffer, ...]) -> None:
+        if sum(len(p) for p in parts) <= JOIN_LIMIT:
+            parts = (b"".join(parts),)
+        sock = _socket_of(self.stream)
+        if sock is not None and len(parts) > 1:
+            await _sendmsg_all(sock, [memoryview(p).cast("B") for p in parts if len(p)])
+            return
+        for part in parts:
+            await self.stream.send_all(part)
+
+    # TLS.
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade to TLS (server side) and complete the TLS handshake."""
+        if self._buffer:
+            raise Disconnect("client sent data before the reply to NBD_OPT_STARTTLS")
+        stream = trio.SSLStream(self.stream, context, server_side=True)
+        self.stream = stream
+        self.tls = True
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise Disconnect(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+async def _recv_into(sock: trio.socket.SocketType, view: memoryview) -> int:
+    try:
+        return await sock.recv_into(view, min(len(view), RECEIVE_CAP))
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+
+async def _sendmsg_all(sock: trio.socket.SocketType, views: list[memoryview]) -> None:
+    """sendmsg until every byte of `views` is sent (the caller holds the send lock)."""
+    while views:
+        try:
+            sent = await sock.sendmsg(views[:IOV_BATCH])
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]

@@ -41,7 +41,7 @@ def test_info_describes_the_export_without_entering_transmission(
         assert h.is_read_only()
         assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
         assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
-        assert h.get_block_size(nbd.SIZE_PREFERRED) in (device.chunk_size, 4096)
+        assert h.get_block_size(nbd.SIZE_PREFERRED) == max(4096, device.chunk_size)
     finally:
         device.close()
     assert h.get_canonical_export_name() == "vol@1"
@@ -60,10 +60,18 @@ def test_go_enters_transmission(
     h.opt_go()
     assert h.aio_is_ready()
     assert not h.is_read_only()
-    assert h.can_flush() and h.can_fua()
-    assert not h.can_trim() and not h.can_zero() and not h.can_cache()
-    assert not h.get_structured_replies_negotiated()
+    assert h.get_structured_replies_negotiated()
+    assert h.can_flush() and h.can_fua() and h.can_multi_conn() and h.can_cache()
+    assert h.can_trim() and h.can_zero() and h.can_fast_zero() and h.can_df()
+    assert not h.is_rotational()
     assert h.pread(4096, 8192) == reference("vol", 8192, 4096)
+
+
+def test_snapshot_offers_no_write_commands(connect: Connect) -> None:
+    h = connect("vol@1")
+    assert h.is_read_only()
+    assert h.can_flush() and h.can_fua() and h.can_multi_conn() and h.can_cache()
+    assert not h.can_trim() and not h.can_zero() and not h.can_fast_zero()
 
 
 def test_go_to_unknown_export_is_refused_and_haggling_goes_on(
@@ -112,10 +120,30 @@ def test_abort_ends_the_session(connect: Connect) -> None:
     assert h.aio_is_closed()
 
 
-def test_structured_replies_are_declined(connect: Connect, reference: Reference) -> None:
+def test_structured_replies_are_negotiated_on_request(
+    connect: Connect, reference: Reference
+) -> None:
     h = connect("vol", request_structured_replies=True)
-    assert not h.get_structured_replies_negotiated()
+    assert h.get_structured_replies_negotiated() and h.can_df()
     assert h.pread(512, 0) == reference("vol", 0, 512)
+    h = connect("vol", request_structured_replies=False)
+    assert not h.get_structured_replies_negotiated()
+    assert not h.can_df()  # the spec: DF only with structured replies
+    assert not h.can_meta_context("base:allocation")
+    assert h.pread(512, 0) == reference("vol", 0, 512)
+
+
+@pytest.mark.parametrize("export", ["vol", "vol@1"])
+def test_block_sizes_are_sent_even_unasked(
+    connect: Connect, registry: ExportRegistry, export: str
+) -> None:
+    """Our maximum (32 MiB) is below the spec's default, so INFO_BLOCK_SIZE always comes."""
+    h = connect(export, request_block_size=False)
+    device = registry.open_export(export)
+    device.close()
+    assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
+    assert h.get_block_size(nbd.SIZE_PREFERRED) == max(4096, device.chunk_size)
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
 
 
 def test_read_only_flag_follows_the_device(connect: Connect, registry: ExportRegistry) -> None:

@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import struct
+from functools import partial
 
 import pytest
 import trio
@@ -99,3 +100,36 @@ async def test_serve_unix_refuses_a_live_socket(registry: ExportRegistry, sock_p
             await NBDServer(registry).serve_unix(sock_path)
         assert struct.unpack(">Q", (await greeting_from(sock_path))[:8]) == (NBDMAGIC,)
         nursery.cancel_scope.cancel()
+
+
+async def test_serve_tcp_on_loopback_reports_its_address(registry: ExportRegistry) -> None:
+    server = NBDServer(registry)
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(partial(server.serve_tcp, "127.0.0.1", 0))
+        assert address[0] == "127.0.0.1" and address[1] > 0
+        stream = await trio.open_tcp_stream("127.0.0.1", address[1])
+        async with stream:
+            data = b""
+            while len(data) < 18:
+                chunk = await stream.receive_some(18 - len(data))
+                assert chunk
+                data += chunk
+        assert struct.unpack(">QQH", data) == (NBDMAGIC, 0x49484156454F5054, 3)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.7"])
+async def test_serve_tcp_refuses_plain_text_off_loopback(
+    registry: ExportRegistry, host: str
+) -> None:
+    with pytest.raises(InvalidArgument, match="not a loopback address"):
+        await NBDServer(registry).serve_tcp(host, 10809)
+
+
+def test_loopback_names() -> None:
+    from shadowblk.provider.nbd.tls import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("127.1.2.3")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("")
+    assert not is_loopback("192.0.2.7")

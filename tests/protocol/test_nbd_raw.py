@@ -18,7 +18,8 @@ RawFactory = Callable[[], Any]
 IHAVEOPT = 0x49484156454F5054
 NBDMAGIC = 0x4E42444D41474943
 REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
-REP_ERR_UNSUP, REP_ERR_INVALID, REP_ERR_UNKNOWN = 2**31 + 1, 2**31 + 3, 2**31 + 6
+REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = 2**31 + 1, 2**31 + 2, 2**31 + 3
+REP_ERR_UNKNOWN = 2**31 + 6
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
 EPERM, EINVAL, ENOSPC = 1, 22, 28
@@ -66,7 +67,8 @@ def test_export_name_reply_with_and_without_padding(raw: RawFactory, reference: 
         client.sock.sendall(struct.pack(">I", flags))
         client.send_option(OPT_EXPORT_NAME, b"vol@1")
         size, tflags = struct.unpack(">QH", client.recv_exactly(10))
-        assert tflags == 0b1111  # HAS_FLAGS, READ_ONLY, SEND_FLUSH, SEND_FUA
+        assert tflags == 1 | 2 | 4 | 8 | 256 | 1024  # HAS_FLAGS, READ_ONLY, FLUSH, FUA,
+        # CAN_MULTI_CONN, SEND_CACHE: no TRIM/WRITE_ZEROES on a snapshot, no DF unstructured
         assert client.recv_exactly(padding) == bytes(padding)
         client.request(CMD_READ, 0, 8, handle=5)
         assert client.reply(8) == (0, 5, reference("vol@1", 0, 8))
@@ -83,9 +85,14 @@ def test_list_and_unknown_options(raw: RawFactory, registry: ExportRegistry) -> 
         names.append(reply[2][4 : 4 + length].decode())
     assert reply[:2] == (OPT_LIST, REP_ACK)
     assert names == [name for name, _ in registry.export_names()]
-    for option in (5, 8, 9, 10, 11, 4, 0, 12345):  # STARTTLS, structured replies, ...
+    for option in (11, 4, 0, 12, 12345, 2**32 - 1):  # EXTENDED_HEADERS, PEEK_EXPORT, ...
         client.send_option(option, b"some data")
         assert client.option_reply()[:2] == (option, REP_ERR_UNSUP)
+    for option in (5, 8, 9, 10):  # STARTTLS, STRUCTURED_REPLY, {LIST,SET}_META_CONTEXT
+        client.send_option(option, b"some data")
+        assert client.option_reply()[:2] == (option, REP_ERR_INVALID)
+    client.send_option(5)  # STARTTLS on the Unix socket: no TLS there, by policy
+    assert client.option_reply()[:2] == (5, REP_ERR_POLICY)
     client.send_option(OPT_LIST, b"x")
     assert client.option_reply()[:2] == (OPT_LIST, REP_ERR_INVALID)
     client.send_option(OPT_ABORT)
@@ -104,7 +111,8 @@ def test_info_replies(raw: RawFactory, registry: ExportRegistry) -> None:
         infos[kind] = reply[2][2:]
     assert reply[:2] == (OPT_INFO, REP_ACK)
     assert sorted(infos) == [0, 1, 2, 3]
-    assert struct.unpack(">QH", infos[0]) == (export_size(registry, "vol"), 0b1101)
+    tflags = 1 | 4 | 8 | 32 | 64 | 256 | 1024 | 2048  # FLUSH FUA TRIM ZEROES MULTI CACHE FAST
+    assert struct.unpack(">QH", infos[0]) == (export_size(registry, "vol"), tflags)
     assert infos[1] == b"vol"
     assert infos[2].decode() == dict(registry.export_names())["vol"]
     assert struct.unpack(">III", infos[3])[::2] == (1, 32 * MiB)
@@ -288,3 +296,76 @@ def test_a_broken_connection_leaves_others_alone(
     h.pwrite(b"second", 8)
     assert h.pread(5, 0) == b"first"
     assert reference("vol", 8, 6) == b"second"
+
+
+# Structured replies, byte for byte.
+
+
+def test_structured_read_chunks_on_the_wire(raw: RawFactory, reference: Reference) -> None:
+    from rawclient import CHUNK_DATA, CHUNK_ERROR, CHUNK_NONE, REPLY_FLAG_DONE
+
+    client = raw()
+    client.go("vol@1", structured=True)
+    client.request(CMD_READ, 1000, 300, handle=0xABCDEF0123)  # one chunk: no hole look-up
+    (chunk,) = client.chunks()
+    assert (chunk.flags, chunk.type, chunk.handle) == (REPLY_FLAG_DONE, CHUNK_DATA, 0xABCDEF0123)
+    assert chunk.payload == struct.pack(">Q", 1000) + reference("vol@1", 1000, 300)
+    client.request(CMD_READ, 0, 0, handle=2)  # zero length: a lone NONE chunk
+    (chunk,) = client.chunks()
+    assert (chunk.flags, chunk.type, chunk.handle, chunk.payload) == (1, CHUNK_NONE, 2, b"")
+    size = 16 * MiB
+    client.request(CMD_READ, size - 1, 2, handle=3)
+    (chunk,) = client.chunks()
+    assert (chunk.flags, chunk.type, chunk.handle) == (REPLY_FLAG_DONE, CHUNK_ERROR, 3)
+    error, message = chunk.error
+    assert error == EINVAL and "past the end" in message
+    assert len(chunk.payload) == 6 + len(message.encode())
+    client.request(CMD_WRITE, 0, 4, handle=4, payload=b"abcd")  # errors of other commands
+    (chunk,) = client.chunks()
+    assert (chunk.type, chunk.error[0]) == (CHUNK_ERROR, EPERM)
+    client.request(CMD_FLUSH, handle=5)  # successes without data: simple replies
+    assert client.reply() == (0, 5, b"")
+
+
+def test_df_needs_structured_replies(raw: RawFactory, reference: Reference) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(CMD_READ, 0, 512, flags=1 << 2, handle=1)  # DF, not advertised
+    assert client.reply() == (EINVAL, 1, b"")
+    client.request(CMD_READ, 0, 512, handle=2)
+    assert client.reply(512) == (0, 2, reference("vol", 0, 512))
+
+
+def test_flush_with_an_offset_or_length_is_einval(raw: RawFactory) -> None:
+    client = raw()
+    client.go("vol")
+    client.request(CMD_FLUSH, 512, 0, handle=1)
+    client.request(CMD_FLUSH, 0, 512, handle=2)
+    client.request(CMD_FLUSH, handle=3)
+    replies = {client.reply()[:2] for _ in range(3)}
+    assert replies == {(EINVAL, 1), (EINVAL, 2), (0, 3)}
+
+
+def test_commands_beyond_the_table_are_einval(raw: RawFactory, reference: Reference) -> None:
+    client = raw()
+    client.go("vol", structured=True)
+    for handle, cmd in enumerate([8, 9, 0xFFFF]):
+        client.request(cmd, 0, 512, handle=handle)
+        (chunk,) = client.chunks()
+        assert (chunk.handle, chunk.error[0]) == (handle, EINVAL)
+    client.request(CMD_READ, 0, 8, handle=99)
+    (chunk,) = client.chunks()
+    assert chunk.payload[8:] == reference("vol", 0, 8)
+
+
+def test_starttls_on_the_unix_socket_is_refused_by_policy(raw: RawFactory) -> None:
+    client = raw()
+    client.start()
+    client.send_option(5)
+    assert client.option_reply()[:2] == (5, REP_ERR_POLICY)
+    client.send_option(5, b"x")
+    assert client.option_reply()[:2] == (5, REP_ERR_INVALID)
+    client.send_option(OPT_GO, info_data("vol"))
+    while (answer := client.option_reply())[1] == REP_INFO:
+        pass
+    assert answer[:2] == (OPT_GO, REP_ACK)

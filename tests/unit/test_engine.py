@@ -428,3 +428,24 @@ def test_a_block_device_origin(engine: Engine, loop_device: str, tmp_path: Path)
             other.create_volume("b", backing=loop_device)  # held O_EXCL by the first
     finally:
         other.close()
+
+
+def test_a_trim_over_preserved_chunks_leaves_holes_on_a_sparse_volume(engine: Engine) -> None:
+    info = engine.create_volume("s", size=1 << 20, sparse=True)
+    write(engine, "s", 0, os.urandom(1 << 20))
+    engine.create_snapshot_set(["s"])
+    dev = engine.open_export("s")
+    try:
+        dev.zero(CHUNK, 4 * CHUNK, punch=True)  # the overlay zeroes, then the write-back
+        dev.write(2 * CHUNK, b"d" * 100)  # data over part of the zeroed range, after it
+    finally:
+        dev.close()
+    engine.flush()
+    origin = Path(info.origin)
+    with open(origin, "rb") as f:  # punched, not written zeroes: holes around the data
+        data_at = [os.lseek(f.fileno(), pos, os.SEEK_DATA) for pos in (CHUNK, 2 * CHUNK + 4096)]
+    assert data_at == [2 * CHUNK, 5 * CHUNK]
+    expected = bytearray(read(engine, "s@1"))
+    expected[CHUNK : 5 * CHUNK] = bytes(4 * CHUNK)
+    expected[2 * CHUNK : 2 * CHUNK + 100] = b"d" * 100
+    assert origin.read_bytes() == bytes(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,6 +34,27 @@ class InitVolumeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class ListenType(click.ParamType):
+    """HOST:PORT, or [IPV6]:PORT."""
+
+    name = "HOST:PORT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        host, sep, port = str(value).rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            self.fail(f"expected HOST:PORT (a port from 1 to 65535), got {value!r}", param, ctx)
+        return host, int(port)
+
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 @click.command()
 @click.option(
     "--init-volume",
@@ -41,19 +63,42 @@ class InitVolumeType(click.ParamType):
     multiple=True,
     help="Create volume NAME of SIZE at start unless it exists (repeatable), e.g. demo=1G.",
 )
+@click.option(
+    "--nbd-listen",
+    type=ListenType(),
+    default=None,
+    help="Also serve NBD on TCP at HOST:PORT (default: none). Plain text only on a "
+    "loopback address; any other address needs --tls-cert and --tls-key.",
+)
+@click.option("--tls-cert", type=_FILE, default=None,
+              help="PEM certificate chain of the TCP listener: TLS becomes required there.")
+@click.option("--tls-key", type=_FILE, default=None,
+              help="PEM private key of --tls-cert.")  # fmt: skip
 @click.pass_context
-def serve(ctx: click.Context, init_volumes: tuple[tuple[str, int], ...]) -> None:
+def serve(
+    ctx: click.Context,
+    init_volumes: tuple[tuple[str, int], ...],
+    nbd_listen: tuple[str, int] | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> None:
     """Run the service in the foreground until SIGINT or SIGTERM.
 
     Serves NBD exports on STATE_DIR/nbd.sock (VOLUME read-write, VOLUME@N read-only) and
-    the control API on STATE_DIR/control.sock, both mode 0600. Logs go to stderr.
+    the control API on STATE_DIR/control.sock, both mode 0600, and NBD on TCP with
+    --nbd-listen (NBD_OPT_STARTTLS required when --tls-cert is given). Logs go to stderr.
     """
     import trio
 
     from ..service import Service, ServiceConfig
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_cert is not None and nbd_listen is None:
+        raise click.UsageError("--tls-cert applies to the TCP listener: give --nbd-listen too")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    service = Service(ServiceConfig(state_dir(ctx), list(init_volumes)))
+    config = ServiceConfig(state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key)
+    service = Service(config)
     try:
         trio.run(service.run)
     except (ShadowblkError, OSError):

@@ -1,4 +1,5 @@
-"""Real clients (nbdinfo, qemu-io, qemu-img, nbdcopy) handshake and move data."""
+"""Real clients (nbdinfo, qemu-io, qemu-img, nbdcopy) against the in-process server: they
+handshake, move data and read the meta contexts. (tests/interop runs them against `serve`.)"""
 
 from __future__ import annotations
 
@@ -91,3 +92,31 @@ def test_qemu_img_info(server: Any, registry: ExportRegistry) -> None:
     device = registry.open_export("vol")
     device.close()
     assert info["virtual-size"] == device.size
+
+
+def test_nbdinfo_map_of_base_allocation_and_dirty_bitmap(
+    server: Any, connect: Any, reference: Reference
+) -> None:
+    chunk = 64 * 1024
+    h = connect("vol")
+    h.pwrite(b"x" * 10, 7 * chunk + 3)
+    h.zero(2 * chunk, 9 * chunk)
+    for export in ("vol", "vol@1"):
+        extents = json.loads(run("nbdinfo", "--map", "--json", server.uri(export)))
+        assert sum(e["length"] for e in extents) == 16 * MiB
+        for e in extents:
+            if e["type"] & 2:  # zero
+                assert reference(export, e["offset"], e["length"]) == bytes(e["length"])
+    bitmap = "qemu:dirty-bitmap:vol@1"
+    extents = json.loads(run("nbdinfo", f"--map={bitmap}", "--json", server.uri("vol")))
+    dirty = {
+        c
+        for e in extents
+        if e["type"] & 1
+        for c in range(e["offset"] // chunk, (e["offset"] + e["length"] - 1) // chunk + 1)
+    }
+    assert {7, 9, 10} <= dirty
+    for e in extents:
+        if not e["type"] & 1:
+            at, size = e["offset"], e["length"]
+            assert reference("vol", at, size) == reference("vol@1", at, size)
