@@ -17,13 +17,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit-plugin-python \
 	qemu-utils fio fuse3 libfuse3-dev pkg-config xfsprogs btrfs-progs e2fsprogs util-linux
 
-.PHONY: help setup packages serve test lint pytest clean distclean
+.PHONY: help setup packages serve test lint pytest bench clean distclean
 
 help:
 	@echo "make setup      install Debian packages, .venv and shadowblk (idempotent)"
 	@echo "make serve      run a demo service on $(STATE) with volume 'demo' (1G)"
 	@echo "make test       lint (ruff, mypy), then pytest"
 	@echo "make lint       ruff check and mypy only"
+	@echo "make bench      the benchmark against nbdkit and qemu-nbd, into bench-out/"
 	@echo "make clean      remove caches and build output; distclean also .venv and $(STATE)"
 
 setup: packages $(STAMP)
@@ -73,6 +74,10 @@ pytest: setup
 	@rc=0; $(VENV)/bin/pytest || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
+
+# The full benchmark, side by side with nbdkit and qemu-nbd (about 6 minutes here).
+bench: setup
+	$(VENV)/bin/shadowblk bench --out bench-out
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .hypothesis *.egg-info

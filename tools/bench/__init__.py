@@ -1,0 +1,1 @@
+"""`shadowblk bench`: figures of shadowblk beside its peers, in one run."""
