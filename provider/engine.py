@@ -73,7 +73,7 @@ from .volumes import DEFAULT_CHUNK_SIZE, Provisioned, VolumeSpec, discard_origin
 
 log = logging.getLogger("shadowblk.engine")
 
-OVERLAY_CAP = 64 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
+OVERLAY_CAP = 4 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
 MAX_SNAPSHOTS = 512
 APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_apply
 ZERO_BATCH = 32 << 20  # a TRIM or WRITE_ZEROES is preserved and applied this much at a time
