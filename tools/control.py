@@ -18,18 +18,17 @@ Design notes.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import socket as stdsocket
-import stat
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from shadowblk.provider.errors import Busy, InvalidArgument, ShadowblkError
+from shadowblk.provider.errors import InvalidArgument, ShadowblkError
+from shadowblk.provider.unixsock import identity as socket_identity
+from shadowblk.provider.unixsock import remove_if_same, remove_stale_socket
 
 from . import protocol
 from .ops import HANDLERS, OpContext
@@ -173,7 +172,7 @@ class ControlServer:
     ) -> None:
         """Listen on `path`, report readiness, serve until cancelled, remove the socket."""
         sock = await bind_unix_socket(path)
-        inode = os.stat(path).st_ino
+        ident = socket_identity(path)
         try:
             async with trio.open_nursery() as nursery:
                 listeners = [trio.SocketListener(sock)]
@@ -181,7 +180,7 @@ class ControlServer:
                 task_status.started()
         finally:
             sock.close()
-            unlink_if_same(path, inode)
+            remove_if_same(path, ident)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self._accepted += 1
@@ -213,32 +212,3 @@ async def bind_unix_socket(path: Path, backlog: int = 64) -> trio.socket.SocketT
     return sock
 
 
-async def remove_stale_socket(path: Path) -> None:
-    """Unlink `path` if it is a socket nobody answers on; refuse anything else there."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise InvalidArgument(f"{path} exists and is not a socket; move it away")
-    probe = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    with probe:
-        try:
-            await probe.connect(os.fspath(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            log.info("removing stale socket %s", path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-    raise Busy(f"another service answers on {path}")
-
-
-def unlink_if_same(path: Path, inode: int) -> None:
-    """Remove the socket file at `path` if it is still the one we bound (same inode)."""
-    try:
-        if os.lstat(path).st_ino == inode:
-            path.unlink()
-    except OSError:
-        pass

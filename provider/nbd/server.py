@@ -51,7 +51,6 @@ import logging
 import os
 import socket
 import ssl
-import stat
 from collections import Counter
 from functools import partial
 from typing import Any
@@ -59,7 +58,8 @@ from typing import Any
 import trio
 
 from ..api import BlockDevice, ExportRegistry
-from ..errors import InvalidArgument, Locked
+from ..unixsock import identity as socket_identity
+from ..unixsock import remove_if_same, remove_stale_socket
 from .handshake import Handshake
 from .negotiate import release_export
 from .protocol import Disconnect
@@ -98,7 +98,7 @@ class NBDServer:
         try:
             await self._serve([listener], task_status)
         finally:
-            _remove_if_same(path, identity)
+            remove_if_same(path, identity)
 
     async def serve_tcp(
         self,
@@ -181,12 +181,12 @@ class NBDServer:
 async def _open_unix_listener(path: str) -> tuple[trio.SocketListener, tuple[int, int]]:
     """Bind, then chmod, then listen: nobody can connect before the mode is 0600.
     Returns the listener and the identity of its socket file."""
-    await _remove_stale_socket(path)
+    await remove_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
         os.chmod(path, 0o600)
-        identity = _identity(path)
+        identity = socket_identity(path)
         sock.listen(socket.SOMAXCONN)
     except BaseException:
         sock.close()
@@ -194,38 +194,3 @@ async def _open_unix_listener(path: str) -> tuple[trio.SocketListener, tuple[int
     return trio.SocketListener(sock), identity
 
 
-async def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file nobody listens on; refuse a live one, or anything else."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise InvalidArgument(f"{path} exists and is not a socket; move it away")
-    if await _answers(path):
-        raise Locked(f"{path}: another server is listening there")
-    log.info("nbd: removing stale socket %s", path)
-    os.unlink(path)
-
-
-async def _answers(path: str) -> bool:
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            await probe.connect(path)
-        except OSError:
-            return False
-        return True
-
-
-def _identity(path: str) -> tuple[int, int]:
-    st = os.lstat(path)
-    return st.st_dev, st.st_ino
-
-
-def _remove_if_same(path: str, identity: tuple[int, int]) -> None:
-    """Unlink our socket file, unless someone else has replaced it since."""
-    try:
-        if _identity(path) == identity:
-            os.unlink(path)
-    except OSError as exc:
-        log.debug("nbd: leaving %s: %s", path, exc)

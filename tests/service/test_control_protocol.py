@@ -15,9 +15,10 @@ import trio
 import trio.testing
 from control_client import LineClient
 
-from shadowblk.provider.errors import Busy, InvalidArgument
+from shadowblk.provider.errors import InvalidArgument, Locked
+from shadowblk.provider.unixsock import remove_stale_socket
 from shadowblk.tools import protocol
-from shadowblk.tools.control import ControlServer, remove_stale_socket
+from shadowblk.tools.control import ControlServer
 from shadowblk.tools.ops import HANDLERS, OpContext
 
 
@@ -275,7 +276,7 @@ async def test_stale_socket_is_replaced(op_context: OpContext, short_tmp: Path) 
 async def test_live_socket_and_other_files_are_not_replaced(
     control_path: Path, short_tmp: Path
 ) -> None:
-    with pytest.raises(Busy):
+    with pytest.raises(Locked):
         await remove_stale_socket(control_path)
     regular = short_tmp / "file"
     regular.write_text("keep me")
