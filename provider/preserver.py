@@ -145,6 +145,7 @@ class Preserver:
         except Exception as e:  # a diff-area or catalog error: the snapshots lose, never the write
             log.error("preserving %d chunks failed: %s", len(batch), e)
             failed = e
+            self._invalidate(batch, str(e))
         garbage: Freed = {}
         with self._gate:
             self._cond.acquire()
@@ -179,12 +180,20 @@ class Preserver:
             )
         self._stats["commits"] += 1
 
+    def _invalidate(self, batch: list[Pending], why: str) -> None:
+        """Mark invalid, durably, every snapshot that needed a chunk of a failed batch:
+        the mark must be on disk before the overlay overwrites the origin, or a crash in
+        between would leave an `ok` snapshot reading the new bytes."""
+        with self._cond:
+            updates = [u for p in batch for u in self._invalidate_readers(p.volume, p.chunk, why)]
+        if updates:
+            self._persist_states(updates)
+
     def _apply(self, p: Pending, failed: Exception | None, garbage: Freed) -> None:
         vol = p.volume
-        if failed is not None:
+        if failed is not None:  # its readers were invalidated by _invalidate
             if p.slot != ZERO:
                 vol.diff.unallocate(p.slot)
-            self._invalidate_readers(vol, p.chunk, str(failed))
             vol.abandon_preserve(p)
             return
         self._stats["chunks_preserved"] += 1
@@ -195,15 +204,18 @@ class Preserver:
             vol.remove_entry(p.chunk, entry)
             garbage.setdefault(vol, []).append((p.chunk, entry))
 
-    def _invalidate_readers(self, vol: CowVolume, chunk: int, why: str) -> None:
-        """Mark invalid every live snapshot that needed the chunk whose preserve failed."""
+    def _invalidate_readers(self, vol: CowVolume, chunk: int, why: str) -> list[tuple[str, str]]:
+        """Mark invalid (in memory) every live snapshot that needed the chunk whose preserve
+        failed; returns the state updates to persist. Lock held."""
         entries = vol.index.get(chunk)
         newest = entries[-1][0] if entries else -1
+        updates = []
         for snap in vol.snapshots.values():
             if snap.epoch > newest and snap.state != "invalid":
                 log.error("snapshot %s is invalid: %s", snap.name, why)
                 snap.state = "invalid"
-                self._state_updates.append((snap.id, "invalid"))
+                updates.append((snap.id, "invalid"))
+        return updates
 
     def _persist_states(self, updates: list[tuple[str, str]]) -> None:
         try:

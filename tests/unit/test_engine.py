@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import subprocess
@@ -449,3 +450,42 @@ def test_a_trim_over_preserved_chunks_leaves_holes_on_a_sparse_volume(engine: En
     expected[CHUNK : 5 * CHUNK] = bytes(4 * CHUNK)
     expected[2 * CHUNK : 2 * CHUNK + 100] = b"d" * 100
     assert origin.read_bytes() == bytes(expected)
+
+
+def test_a_failed_preserve_invalidates_durably_before_the_write_lands(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diff-area I/O error: the snapshot is marked invalid in the catalog first, then the
+    acknowledged write still reaches the origin (never dropped)."""
+    engine.create_volume("v", size=1 << 20)
+    write(engine, "v", 0, os.urandom(1 << 20))
+    engine.create_snapshot_set(["v"])
+    (vol,) = engine._volumes.values()
+    db = engine.state_dir / "catalog.db"
+
+    def failing_write(slot: int, data: object) -> None:
+        raise OSError(errno.EIO, "injected diff-area I/O error")
+
+    def catalog_state() -> str:
+        con = sqlite3.connect(db)
+        try:
+            return str(con.execute("SELECT state FROM snapshots").fetchone()[0])
+        finally:
+            con.close()
+
+    seen: list[str] = []
+    origin_pwrite = vol.origin.pwrite
+
+    def watched_pwrite(offset: int, data: bytes | bytearray | memoryview) -> None:
+        seen.append(catalog_state())
+        origin_pwrite(offset, data)
+
+    monkeypatch.setattr(vol.diff, "write", failing_write)
+    monkeypatch.setattr(vol.origin, "pwrite", watched_pwrite)
+    write(engine, "v", 4096, b"n" * 4096)
+    engine.flush()
+    assert seen and set(seen) == {"invalid"}  # durable before the origin changed
+    monkeypatch.undo()
+    assert read(engine, "v", 4096, 4096) == b"n" * 4096
+    with pytest.raises(DamagedData):
+        read(engine, "v@1", 0, 4096)
