@@ -74,6 +74,15 @@ class Log:
         with self.lock:
             return next(self.clock)
 
+    def record(self, seq: int, write: tuple[int, int, int]) -> None:
+        with self.lock:
+            self.writes[seq] = write
+
+    def copy_writes(self) -> dict[int, tuple[int, int, int]]:
+        """A copy to walk while the writer thread goes on recording."""
+        with self.lock:
+            return dict(self.writes)
+
 
 def writer(uri: str, log: Log, seqs: itertools.count[int], stop: threading.Event) -> None:
     """Write random blocks until the connection dies or `stop` is set."""
@@ -86,9 +95,9 @@ def writer(uri: str, log: Log, seqs: itertools.count[int], stop: threading.Event
         while not stop.is_set():
             seq, block = next(seqs), rnd.randrange(BLOCKS)
             issued = log.now()
-            log.writes[seq] = (block, issued, 0)
+            log.record(seq, (block, issued, 0))
             h.pwrite(block_image(seq, block), block * BLOCK)
-            log.writes[seq] = (block, issued, log.now())
+            log.record(seq, (block, issued, log.now()))
             n += 1
             if n % 50 == 0:
                 start = log.now()
@@ -109,13 +118,14 @@ def check_cut(
     crash); writes acknowledged since then, before the create was requested, must be in.
     """
     latest_acked = dict(enumerate(baseline))
-    for seq, (block, issued, acked) in list(log.writes.items()):
+    writes = log.copy_writes()
+    for seq, (block, issued, acked) in writes.items():
         if acked and acked < requested and issued > log.started_at:
             latest_acked[block] = max(latest_acked[block], seq)
     for b, seq in enumerate(seqs):
         assert seq >= latest_acked.get(b, 0), f"{name}: block {b} lost write {latest_acked[b]}"
         if seq:
-            block, issued, _acked = log.writes[seq]
+            block, issued, _acked = writes[seq]
             assert issued < returned, f"{name}: block {b} holds write {seq}, issued after create"
 
 
@@ -223,7 +233,7 @@ class Crasher:
     def check_origin(self) -> None:
         origin = decode(read_export(self.uri("v")))
         starts = self.log.incarnations
-        for seq, (block, issued, acked) in list(self.log.writes.items()):
+        for seq, (block, issued, acked) in self.log.copy_writes().items():
             incarnation = max(s for s in starts if s < issued)
             if acked and acked < self.log.flushed_at.get(incarnation, 0):
                 assert origin[block] >= seq, f"flushed write {seq} to block {block} was lost"
