@@ -192,5 +192,3 @@ async def _open_unix_listener(path: str) -> tuple[trio.SocketListener, tuple[int
         sock.close()
         raise
     return trio.SocketListener(sock), identity
-
-

@@ -15,6 +15,10 @@ flush of a FUA request, `cache`, and BLOCK_STATUS (its
 dirty-bitmap look-ups may wait on the engine). At most MAX_BLOCKING such requests per
 connection; then the reader waits for a slot.
 
+Replies go out batched: a reply made inline by the reader waits in the wire's queue until
+the reader is about to wait for the client (wire.py, Batching); a child task's reply goes
+out at once, taking the queue along.
+
 Replies. Every request is answered exactly once, except NBD_CMD_DISC (none). Without
 structured replies: a simple reply (with the data of a read). With them: a read is
 answered with OFFSET_DATA / OFFSET_HOLE chunks (commands.py), BLOCK_STATUS with one chunk
@@ -78,6 +82,7 @@ class Transmission:
         self.counters = counters
         self.done = False  # set by NBD_CMD_DISC
         self._slots = trio.Semaphore(MAX_BLOCKING)
+        self._reader: trio.lowlevel.Task | None = None
 
     async def run(self) -> None:
         """Serve until NBD_CMD_DISC, end of stream or a protocol error. Returns once every
@@ -91,6 +96,14 @@ class Transmission:
                 nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
+        self._reader = trio.lowlevel.current_task()
+        try:
+            await self._serve_requests()
+        finally:
+            self._reader = None
+        await self.wire.flush()
+
+    async def _serve_requests(self) -> None:
         while not self.done:
             request = await self._receive_request()
             if request is None:
@@ -133,21 +146,25 @@ class Transmission:
 
     async def reply_ok(self, request: Request) -> None:
         self.counters["requests_served"] += 1
-        await self.wire.send(encode_simple_reply(0, request.handle))
+        await self._send(encode_simple_reply(0, request.handle))
 
     async def reply(self, request: Request, *parts: Buffer) -> None:
         """A successful reply made of `parts` (a simple reply with data, or chunks)."""
         self.counters["requests_served"] += 1
-        await self.wire.send(*parts)
+        await self._send(*parts)
 
     async def reply_error(self, request: Request, error: int, message: str) -> None:
         self.counters["requests_served"] += 1
         self.counters["request_errors"] += 1
         log.debug("nbd conn %d: %s: error %d: %s", self.wire.ident, request, error, message)
         if self.session.structured_replies:
-            await self.wire.send(encode_error_chunk(request.handle, error, message))
+            await self._send(encode_error_chunk(request.handle, error, message))
         else:
-            await self.wire.send(encode_simple_reply(error, request.handle))
+            await self._send(encode_simple_reply(error, request.handle))
+
+    async def _send(self, *parts: Buffer) -> None:
+        """Send a reply: batched when the reader makes it, at once from a child task."""
+        await self.wire.send(*parts, batch=trio.lowlevel.current_task() is self._reader)
 
     def engine(self, request: Request, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the engine inline; its exceptions become the request's `RequestError`."""
@@ -165,7 +182,11 @@ class Transmission:
 
     async def start_blocking(self, request: Request, work: Work) -> None:
         """Run `work` in a worker thread from a child task, then reply (see `Work`)."""
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self.wire.flush()  # the replies queued so far, before waiting on a slot
+            await self._slots.acquire()
         self._nursery.start_soon(self._finish_blocking, request, work)
 
     async def _finish_blocking(self, request: Request, work: Work) -> None:

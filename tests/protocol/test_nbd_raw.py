@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from rawclient import request
 
 from shadowblk.provider.api import ExportRegistry
 
@@ -369,3 +371,23 @@ def test_starttls_on_the_unix_socket_is_refused_by_policy(raw: RawFactory) -> No
     while (answer := client.option_reply())[1] == REP_INFO:
         pass
     assert answer[:2] == (OPT_GO, REP_ACK)
+
+
+def test_batched_replies_go_out_while_the_reader_waits_for_a_slot(
+    raw: RawFactory, fake: Any, reference: Reference
+) -> None:
+    # reads answered inline wait in the batch queue; the reader must send them before it
+    # waits for a worker slot held by blocked flushes, or the client would never see them
+    gate = fake.stores["vol"].flush_gate = threading.Event()
+    client = raw()
+    client.go("vol")
+    reads = b"".join(request(CMD_READ, i * 512, 512, handle=i) for i in range(8))
+    flushes = b"".join(request(CMD_FLUSH, handle=100 + i) for i in range(24))  # > MAX_BLOCKING
+    client.sock.sendall(reads + flushes)  # one buffer: the reader finds them all at once
+    try:
+        for i in range(8):
+            error, handle, data = client.reply(512)
+            assert (error, handle, data) == (0, i, reference("vol", i * 512, 512))
+    finally:
+        gate.set()
+    assert sorted(client.reply()[1] for _ in range(24)) == list(range(100, 124))

@@ -181,6 +181,17 @@ def test_many_requests_in_flight(connect: Connect, reference: Reference) -> None
     assert reference("vol", 0, 64 * 4096) == b"".join(bytes([i]) * 4096 for i in range(64))
 
 
+def test_many_reads_in_flight_all_come_back(connect: Connect, reference: Reference) -> None:
+    # more reply bytes than one batch holds (wire.BATCH_LIMIT): the queue goes out in parts
+    h = connect("vol")
+    h.pwrite(bytes(range(256)) * 16 * 400, 0)
+    buffers = [nbd.Buffer(4096) for _ in range(400)]
+    cookies = [h.aio_pread(buf, i * 4096) for i, buf in enumerate(buffers)]
+    wait_all(h, cookies)
+    expected = reference("vol", 0, 400 * 4096)
+    assert b"".join(buf.to_bytearray() for buf in buffers) == expected
+
+
 def test_one_export_open_per_connection(connect: Connect, fake: Any, server: Any) -> None:
     h = connect("vol@1")
     h.pread(512, 0)
