@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import FormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-4 KiB-block checksums (volumes.legacy_checksums)
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -45,7 +45,8 @@ CREATE TABLE volumes (
     sparse      INTEGER NOT NULL,
     epoch       INTEGER NOT NULL DEFAULT 0,   -- the current epoch
     next_seq    INTEGER NOT NULL DEFAULT 1,   -- N of the next VOLUME@N, never reused
-    created     TEXT NOT NULL
+    created     TEXT NOT NULL,
+    legacy_checksums INTEGER NOT NULL DEFAULT 0  -- 1: hashes still in format 1's form
 );
 CREATE TABLE snapsets (
     id      TEXT PRIMARY KEY,
@@ -65,7 +66,8 @@ CREATE TABLE snapshots (
     UNIQUE (volume_id, seq),
     UNIQUE (volume_id, epoch)
 );
--- A preserved chunk: (chunk, epoch) -> where in the diff area, and its xxh3-128.
+-- A preserved chunk: (chunk, epoch) -> where in the diff area, and its checksum: the
+-- xxh3-64 of each 4 KiB block, concatenated (format 1: one xxh3-128 of the chunk).
 -- slot and hash are NULL for a zero entry (the chunk read as zeroes: nothing copied).
 CREATE TABLE chunks (
     volume_id INTEGER NOT NULL,
@@ -122,9 +124,22 @@ class Catalog:
         self._migrate(version)
 
     def _migrate(self, version: int) -> None:
-        """Bring an older catalog to FORMAT_VERSION (nothing to do for version 1)."""
+        """Bring an older catalog to FORMAT_VERSION, in one transaction.
+
+        1 -> 2: checksums became per 4 KiB block. The catalog cannot recompute them (the
+        data is in the diff areas): it marks every volume `legacy_checksums`, and the
+        engine rehashes a marked volume's chunks when it opens it."""
         if version < 1:
             raise FormatError(f"catalog {self.path} has invalid format version {version}")
+        if version == FORMAT_VERSION:
+            return
+        with self.transaction() as t:
+            if version < 2:
+                t.execute(
+                    "ALTER TABLE volumes ADD COLUMN legacy_checksums INTEGER NOT NULL DEFAULT 0"
+                )
+                t.execute("UPDATE volumes SET legacy_checksums=1")
+            t.execute("UPDATE meta SET value=? WHERE key='format_version'", (str(FORMAT_VERSION),))
 
     @contextmanager
     def transaction(self) -> Iterator[_Txn]:

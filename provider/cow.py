@@ -35,6 +35,8 @@ from pyroaring import BitMap64
 from .diffarea import DiffArea
 from .origin import Origin
 
+Buffer = bytes | bytearray | memoryview
+
 ZERO = -1  # the slot of a zero entry
 
 _ZEROES: dict[int, bytes] = {}
@@ -46,6 +48,7 @@ def zeroes(length: int) -> bytes:
     if z is None:
         z = _ZEROES[length] = bytes(length)
     return z
+
 
 Entry = tuple[int, int, bytes | None]  # (epoch, slot, xxh3-128)
 
@@ -203,43 +206,50 @@ class CowVolume:
         return self._assemble(offset, length, self._origin_source)
 
     def read_snapshot(
-        self, epoch: int, offset: int, length: int, read_diff: Callable[[int, Entry], bytes]
+        self,
+        epoch: int,
+        offset: int,
+        length: int,
+        read_diff: Callable[[int, Entry, int, int], Buffer],
     ) -> bytes:
-        """Contents of the snapshot that opened `epoch`."""
+        """Contents of the snapshot that opened `epoch`. `read_diff(chunk, entry, start,
+        stop)` gives bytes [start, stop) of a preserved chunk."""
         if not self.index and not self.pending:
             return self.origin.pread(offset, length)
 
-        def source(chunk: int) -> bytes | None:
+        def source(chunk: int, start: int, stop: int) -> Buffer | None:
             entries = self.index.get(chunk)
             if entries:
                 i = bisect_left(entries, epoch, key=_epoch)
                 if i < len(entries):
-                    return read_diff(chunk, entries[i])
+                    return read_diff(chunk, entries[i], start, stop)
             pending = self.pending.get(chunk)
-            return pending.old if pending is not None else None
+            return None if pending is None else memoryview(pending.old)[start:stop]
 
         return self._assemble(offset, length, source)
 
-    def _origin_source(self, chunk: int) -> bytes | bytearray | None:
+    def _origin_source(self, chunk: int, start: int, stop: int) -> Buffer | None:
         pending = self.pending.get(chunk)
-        return pending.new if pending is not None else None
+        return None if pending is None else memoryview(pending.new)[start:stop]
 
     def _assemble(
-        self, offset: int, length: int, source: Callable[[int], bytes | bytearray | None]
+        self, offset: int, length: int, source: Callable[[int, int, int], Buffer | None]
     ) -> bytes:
-        """Build a range chunk by chunk: `source` gives a whole chunk, or None for the origin.
+        """Build a range chunk by chunk: `source(chunk, start, stop)` gives those bytes of
+        the chunk, or None for "read the origin".
 
         Consecutive chunks that come from the origin are read with one pread.
         """
         cs = self.chunk_size
         end = offset + length
-        parts: list[bytes | bytearray | memoryview] = []
+        parts: list[Buffer] = []
         run_start = -1  # start of the pending run of origin bytes
         pos = offset
         while pos < end:
             chunk = pos // cs
-            hi = min(end, (chunk + 1) * cs)
-            data = source(chunk)
+            base = chunk * cs
+            hi = min(end, base + cs)
+            data = source(chunk, pos - base, hi - base)
             if data is None:
                 if run_start < 0:
                     run_start = pos
@@ -247,8 +257,7 @@ class CowVolume:
                 if run_start >= 0:
                     parts.append(self.origin.pread(run_start, pos - run_start))
                     run_start = -1
-                base = chunk * cs
-                parts.append(memoryview(data)[pos - base : hi - base])
+                parts.append(data)
             pos = hi
         if run_start >= 0:
             parts.append(self.origin.pread(run_start, end - run_start))

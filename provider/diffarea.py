@@ -35,8 +35,23 @@ DATA = "chunks.dat"
 MARKER_FORMAT = 1
 
 
+BLOCK = 4096  # checksum granularity: a read checks only the blocks it touches
+BLOCK_HASH = 8  # bytes of one block's checksum
+
+
 def chunk_hash(data: bytes | bytearray | memoryview) -> bytes:
-    """The checksum stored for every preserved chunk: xxh3-128, big-endian digest."""
+    """The checksum stored for every preserved chunk: the xxh3-64 digest (big-endian) of
+    each 4 KiB block, concatenated (the last block may be short). Per block, so a 4 KiB
+    read of a 64 KiB chunk reads and checks 4 KiB, not the chunk."""
+    digest = xxhash.xxh3_64_digest
+    if len(data) <= BLOCK:
+        return digest(data)
+    view = memoryview(data)
+    return b"".join([digest(view[i : i + BLOCK]) for i in range(0, len(view), BLOCK)])
+
+
+def legacy_chunk_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """Catalog format 1's checksum: xxh3-128 of the whole chunk (read only to migrate)."""
     return xxhash.xxh3_128_digest(data)
 
 
@@ -121,15 +136,23 @@ class DiffArea:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def read(self, slot: int, length: int, expected: bytes) -> bytes:
-        """Read a preserved chunk and check its xxh3-128; a mismatch is `DamagedData`."""
+    def read(
+        self, slot: int, length: int, expected: bytes, start: int = 0, stop: int | None = None
+    ) -> bytes:
+        """Bytes [start, stop) of a preserved chunk of `length` bytes (default: all of it).
+        Reads the 4 KiB blocks that cover them and checks each against `expected` (the
+        entry's `chunk_hash`); a mismatch or an I/O error is `DamagedData`."""
+        stop = length if stop is None else stop
+        lo = start - start % BLOCK
+        hi = min(length, -(-stop // BLOCK) * BLOCK)
         try:
-            data = pread_full(self.fd, length, slot * self.chunk_size)
+            data = pread_full(self.fd, hi - lo, slot * self.chunk_size + lo)
         except OSError as e:
             raise DamagedData(f"diff area {self.path}: read of slot {slot} failed: {e}") from e
-        if chunk_hash(data) != expected:
+        first = lo // BLOCK * BLOCK_HASH
+        if chunk_hash(data) != expected[first : first + len(data) // -BLOCK * -BLOCK_HASH]:
             raise DamagedData(f"diff area {self.path}: slot {slot} fails its checksum")
-        return data
+        return data if (lo, hi) == (start, stop) else data[start - lo : stop - lo]
 
     def punch(self, slots: list[int]) -> None:
         """Deallocate the data of freed slots (call only after the free is durable)."""

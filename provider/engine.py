@@ -42,6 +42,7 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from . import extents
 from .api import SnapshotInfo, VolumeInfo
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, zeroes
-from .diffarea import DiffArea
+from .diffarea import DiffArea, chunk_hash, legacy_chunk_hash
 from .errors import (
     AlreadyExists,
     Busy,
@@ -66,7 +67,7 @@ from .errors import (
     ShadowblkError,
 )
 from .exports import OriginDevice, SnapshotDevice
-from .fileio import flock_exclusive
+from .fileio import flock_exclusive, pread_full
 from .origin import Origin
 from .preserver import Gate, Preserver
 from .volumes import DEFAULT_CHUNK_SIZE, Provisioned, VolumeSpec, discard_origin, provision
@@ -157,9 +158,40 @@ class Engine:
             vol.add_snapshot(_snapshot_from_row(s, vol.name))
         for chunk, epoch, slot, digest in self.catalog.iter_chunks(vol.id):
             vol.load_entry(chunk, epoch, slot, digest)
+        if row["legacy_checksums"]:
+            self._rehash(vol)
         diff.set_used(vol.used_slots())
         self._recover(vol)
         return vol
+
+    def _rehash(self, vol: CowVolume) -> None:
+        """Catalog format 1 -> 2 for one volume: every preserved chunk is read, checked
+        against its old xxh3-128 and given its per-block checksums, in one transaction.
+        A chunk that fails the old check gets checksums that can never match: it stays
+        damaged, as it was."""
+        updates: list[tuple[bytes, int, int, int]] = []
+        for chunk, entries in vol.index.items():
+            length = vol.chunk_len(chunk)
+            for i, (epoch, slot, digest) in enumerate(entries):
+                if slot == ZERO:
+                    continue
+                try:
+                    data = pread_full(vol.diff.fd, length, slot * vol.chunk_size)
+                except OSError:
+                    data = b""
+                new = chunk_hash(data.ljust(length, b"\0"))
+                if not data or legacy_chunk_hash(data) != digest:
+                    log.error("volume %s: chunk %d, epoch %d is damaged", vol.name, chunk, epoch)
+                    new = bytes(b ^ 0xFF for b in new)
+                entries[i] = (epoch, slot, new)
+                updates.append((new, vol.id, chunk, epoch))
+        with self.catalog.transaction() as t:
+            for update in updates:
+                t.execute(
+                    "UPDATE chunks SET hash=? WHERE volume_id=? AND chunk=? AND epoch=?", update
+                )
+            t.execute("UPDATE volumes SET legacy_checksums=0 WHERE id=?", (vol.id,))
+        log.info("volume %s: %d chunk checksums moved to format 2", vol.name, len(updates))
 
     def _recover(self, vol: CowVolume) -> None:
         """Finish what a crash interrupted: free entries nobody needs, punch free slots."""
@@ -477,7 +509,7 @@ class Engine:
         with self._lock:
             self._check_live(vol, snap)
             return vol.read_snapshot(
-                snap.epoch, offset, length, lambda c, e: self._read_diff(vol, snap, c, e)
+                snap.epoch, offset, length, partial(self._read_diff, vol, snap)
             )
 
     def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
@@ -486,13 +518,16 @@ class Engine:
         if snap.state == "invalid":
             raise DamagedData(f"snapshot {snap.name} is invalid")
 
-    def _read_diff(self, vol: CowVolume, snap: Snapshot, chunk: int, entry: Entry) -> bytes:
-        length = vol.chunk_len(chunk)
+    def _read_diff(
+        self, vol: CowVolume, snap: Snapshot, chunk: int, entry: Entry, start: int, stop: int
+    ) -> Buffer:
+        """Bytes [start, stop) of a preserved chunk, checked (a mismatch marks `snap`
+        damaged)."""
         if entry[1] == ZERO:
-            return zeroes(length)
+            return memoryview(zeroes(vol.chunk_len(chunk)))[start:stop]
         assert entry[2] is not None
         try:
-            return vol.diff.read(entry[1], length, entry[2])
+            return vol.diff.read(entry[1], vol.chunk_len(chunk), entry[2], start, stop)
         except DamagedData as e:
             log.error("snapshot %s, chunk %d: %s", snap.name, chunk, e.message)
             if snap.state == "ok":

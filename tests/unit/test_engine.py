@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from shadowblk.provider.diffarea import DATA
 from shadowblk.provider.engine import Engine
@@ -257,6 +258,70 @@ def test_a_corrupt_diff_chunk_is_an_error_never_wrong_bytes(engine: Engine) -> N
         read(engine, "v@1", 0, 4096)
     assert read(engine, "v@1", CHUNK, 4096)  # other chunks still read
     assert engine.snapshots()[0].state == "damaged"
+
+
+def test_a_corrupt_block_fails_every_read_that_touches_it(engine: Engine) -> None:
+    # checksums are per 4 KiB block: a read checks the blocks it reads, never fewer
+    engine.create_volume("v", size=1 << 20)
+    before = os.urandom(1 << 20)
+    write(engine, "v", 0, before)
+    engine.create_snapshot_set(["v"])
+    write(engine, "v", 0, os.urandom(CHUNK))
+    engine.flush()
+    data_file = Path(engine.volumes()[0].diff_area) / DATA
+    with open(data_file, "r+b") as f:  # slot 0, block 5
+        f.seek(5 * 4096 + 7)
+        byte = f.read(1)
+        f.seek(5 * 4096 + 7)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert read(engine, "v@1", 0, 5 * 4096) == before[: 5 * 4096]
+    assert read(engine, "v@1", 7 * 4096 - 1, 2) == before[7 * 4096 - 1 : 7 * 4096 + 1]
+    for offset, length in [
+        (5 * 4096 + 7, 1),
+        (6 * 4096 - 1, 2),
+        (4 * 4096 + 100, 4096),
+        (0, CHUNK),
+    ]:
+        with pytest.raises(DamagedData):
+            read(engine, "v@1", offset, length)
+    assert engine.snapshots()[0].state == "damaged"
+
+
+def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> None:
+    engine = Engine.open(tmp_path / "s")
+    engine.create_volume("v", size=1 << 20)
+    before = os.urandom(1 << 20)
+    write(engine, "v", 0, before)
+    engine.create_snapshot_set(["v"])
+    write(engine, "v", 0, os.urandom(3 * CHUNK))
+    engine.flush()
+    data_file = Path(engine.volumes()[0].diff_area) / DATA
+    engine.close()
+    # rewrite the catalog as format 1 wrote it: one xxh3-128 per chunk, no column
+    chunks = data_file.read_bytes()
+    db = sqlite3.connect(tmp_path / "s" / "catalog.db")
+    for chunk, slot in db.execute("SELECT chunk, slot FROM chunks").fetchall():
+        digest = xxhash.xxh3_128_digest(chunks[slot * CHUNK : (slot + 1) * CHUNK])
+        if chunk == 1:  # a chunk format 1 would have found damaged
+            digest = bytes(16)
+        db.execute("UPDATE chunks SET hash=? WHERE chunk=?", (digest, chunk))
+    db.execute("ALTER TABLE volumes DROP COLUMN legacy_checksums")
+    db.execute("UPDATE meta SET value='1' WHERE key='format_version'")
+    db.commit()
+    db.close()
+    engine = Engine.open(tmp_path / "s")
+    try:
+        assert read(engine, "v@1", 0, CHUNK) == before[:CHUNK]
+        assert read(engine, "v@1", 2 * CHUNK + 4096, 100) == before[2 * CHUNK + 4096 :][:100]
+        with pytest.raises(DamagedData):
+            read(engine, "v@1", CHUNK + 4096, 4096)
+    finally:
+        engine.close()
+    db = sqlite3.connect(tmp_path / "s" / "catalog.db")
+    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone() == ("2",)
+    assert db.execute("SELECT legacy_checksums FROM volumes").fetchall() == [(0,)]
+    assert {len(h) for (h,) in db.execute("SELECT hash FROM chunks")} == {CHUNK // 4096 * 8}
+    db.close()
 
 
 def test_huge_sparse_volume_snapshots_without_a_scan(engine: Engine) -> None:
