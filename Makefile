@@ -15,7 +15,8 @@ MYPY_TREE := build/mypy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEB_PACKAGES := python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit-plugin-python \
-	qemu-utils fio fuse3 libfuse3-dev pkg-config xfsprogs btrfs-progs e2fsprogs util-linux
+	qemu-utils fio fuse3 libfuse3-dev pkg-config gcc libc6-dev xfsprogs btrfs-progs e2fsprogs \
+	util-linux mount
 
 .PHONY: help setup packages serve test lint pytest bench clean distclean
 

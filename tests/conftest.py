@@ -135,7 +135,21 @@ def short_tmp() -> Iterator[Path]:
     try:
         yield path
     finally:
+        clear_mounts(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def clear_mounts(path: Path) -> None:
+    """What a test (or a service it killed) left mounted under `path`: filesystems on loop
+    devices over files there, the loop devices, then any mount under it (a dead FUSE)."""
+    from shadowblk.mount import host
+
+    for argv in host.cleanup_commands(path):
+        subprocess.run(argv, capture_output=True, check=False)
+    prefix = str(path) + "/"
+    for _, mountpoint, _ in sorted(host.mounts(), key=lambda m: -len(m[1])):
+        if mountpoint.startswith(prefix):
+            subprocess.run(["umount", "--lazy", mountpoint], capture_output=True, check=False)
 
 
 @pytest.fixture

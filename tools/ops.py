@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from shadowblk.provider.api import EngineAPI, SnapshotInfo
-from shadowblk.provider.errors import InvalidArgument, NotFound, ShadowblkError
+from shadowblk.provider.errors import InvalidArgument, NotFound, NotSupported, ShadowblkError
 
 from . import protocol
 
@@ -30,6 +30,7 @@ class OpContext:
     engine: EngineAPI
     service_info: StatsSource = dict
     stats_sources: Mapping[str, StatsSource] = field(default_factory=dict)
+    fuse: Any = None  # the FUSE front-end (shadowblk.mount.frontend), None under --no-fuse
 
     async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run one blocking engine call in a worker thread."""
@@ -80,7 +81,39 @@ async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
 
 async def op_snapshot_list(ctx: OpContext, args: dict[str, Any]) -> Any:
     snaps = await ctx.call(ctx.engine.snapshots, args.get("volume"))
-    return [s.to_dict() for s in snaps]
+    mounted: dict[str, list[str]] = {}
+    if ctx.fuse is not None:
+        from shadowblk.mount.host import where_mounted
+
+        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+    return [{**s.to_dict(), "mounted": mounted.get(s.name, [])} for s in snaps]
+
+
+def _fuse(ctx: OpContext) -> Any:
+    if ctx.fuse is None:
+        raise NotSupported("the service runs without its FUSE front-end (--no-fuse)")
+    return ctx.fuse
+
+
+async def op_mount_prepare(ctx: OpContext, args: dict[str, Any]) -> Any:
+    """The FUSE file `shadowblk mount` attaches: the snapshot's, or a new recovery overlay
+    over it."""
+    fuse = _fuse(ctx)
+    name = args["snapshot"]
+    if "@" not in name:
+        raise InvalidArgument(f"{name} is not a snapshot (VOLUME@N)")
+    if not any(s.name == name for s in await ctx.call(ctx.engine.snapshots)):
+        raise NotFound(f"no snapshot {name}")
+    if args.get("recover", True):
+        name = fuse.fs.create_overlay(name)
+    return {"file": str(fuse.path_of(name))}
+
+
+async def op_mount_release(ctx: OpContext, args: dict[str, Any]) -> Any:
+    """Drop a recovery overlay (now, or at its last close if still open)."""
+    fuse = _fuse(ctx)
+    name = args["file"].rpartition("/")[2]
+    return {"dropped": fuse.fs.drop_overlay(name)}
 
 
 async def op_snapshot_delete(ctx: OpContext, args: dict[str, Any]) -> Any:
@@ -127,6 +160,8 @@ HANDLERS: dict[str, Handler] = {
     "snapshot.create": op_snapshot_create,
     "snapshot.list": op_snapshot_list,
     "snapshot.delete": op_snapshot_delete,
+    "mount.prepare": op_mount_prepare,
+    "mount.release": op_mount_release,
 }
 
 if set(HANDLERS) != set(protocol.OPS):  # the schema and the handlers are one table's halves

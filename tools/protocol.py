@@ -82,6 +82,8 @@ OPS: dict[str, dict[str, Arg]] = {
     "volume.remove": {"name": Arg(NAME, required=True)},
     "snapshot.create": {"volumes": Arg(NAMES, required=True), "label": Arg(TEXT)},
     "snapshot.list": {"volume": Arg(NAME)},
+    "mount.prepare": {"snapshot": Arg(NAME, required=True), "recover": Arg(FLAG)},
+    "mount.release": {"file": Arg(ABSPATH, required=True)},
     # exactly one of the three: checked by the operation
     "snapshot.delete": {
         "names": Arg(NAMES),

@@ -51,6 +51,8 @@ class ServiceConfig:
     nbd_listen: tuple[str, int] | None = None  # (host, port) of the TCP listener
     tls_cert: Path | None = None  # with tls_key: TLS required on the TCP listener
     tls_key: Path | None = None
+    fuse: bool = True  # the FUSE front-end (--no-fuse turns it off)
+    fuse_dir: Path | None = None  # default: <state>/fuse
 
 
 class Service:
@@ -67,6 +69,9 @@ class Service:
         self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.nbd: NBDServer | None = None  # set while serving
         self.control: ControlServer | None = None  # set while serving; pushes events
+        self.fuse_dir: Path | None = None
+        if config.fuse:
+            self.fuse_dir = Path(os.path.abspath(config.fuse_dir or self.state_dir / "fuse"))
 
     def info(self) -> dict[str, Any]:
         """What `status` says about the service itself."""
@@ -82,6 +87,8 @@ class Service:
 
     def _listeners(self) -> dict[str, str]:
         listeners = {"control": str(self.control_path), "nbd": str(self.nbd_path)}
+        if self.fuse_dir is not None:
+            listeners["fuse"] = str(self.fuse_dir)
         if self.nbd_listen is not None:
             host, port = self.nbd_listen
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -131,8 +138,15 @@ class Service:
         if self.nbd_listen is not None:
             host, port = self.nbd_listen
             await servers.start(partial(self.nbd.serve_tcp, host, port, tls=self.tls))
+        fuse = None
+        if self.fuse_dir is not None:
+            from shadowblk.mount.frontend import FuseFrontend, mark_io_flusher
+
+            mark_io_flusher()
+            fuse = FuseFrontend(engine, self.fuse_dir, self.state_dir / "overlays")
+            await servers.start(fuse.serve)
         stats: dict[str, StatsSource] = {"nbd": self.nbd.statistics}
-        self.control = ControlServer(OpContext(engine, self.info, stats))
+        self.control = ControlServer(OpContext(engine, self.info, stats, fuse))
         stats["control"] = self.control.statistics
         await servers.start(self.control.serve_unix, self.control_path)
 

@@ -87,12 +87,12 @@ def size_or_dash(size: int | None) -> str:
     return "-" if size is None else format_size(size)
 
 
-SNAPSHOT_COLUMNS = ("name", "id", "set", "created", "state", "diff", "label")
+SNAPSHOT_COLUMNS = ("name", "id", "set", "created", "state", "diff", "label", "mounted")
 
 
 def snapshot_rows(snapshots: Sequence[dict[str, Any]]) -> list[list[Any]]:
     return [
         [s["name"], s["id"], s["set"], s["created"], s["state"], format_size(s["diff_bytes"]),
-         s.get("label") or ""]
+         s.get("label") or "", ", ".join(s.get("mounted") or [])]
         for s in snapshots
     ]

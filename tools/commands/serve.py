@@ -74,6 +74,10 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="PEM certificate chain of the TCP listener: TLS becomes required there.")
 @click.option("--tls-key", type=_FILE, default=None,
               help="PEM private key of --tls-cert.")  # fmt: skip
+@click.option("--fuse-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the FUSE files appear (default: STATE_DIR/fuse).")
+@click.option("--no-fuse", is_flag=True,
+              help="No FUSE front-end (no files, no `shadowblk mount`).")  # fmt: skip
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -81,12 +85,16 @@ def serve(
     nbd_listen: tuple[str, int] | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    fuse_dir: Path | None,
+    no_fuse: bool,
 ) -> None:
     """Run the service in the foreground until SIGINT or SIGTERM.
 
     Serves NBD exports on STATE_DIR/nbd.sock (VOLUME read-write, VOLUME@N read-only) and
     the control API on STATE_DIR/control.sock, both mode 0600, and NBD on TCP with
-    --nbd-listen (NBD_OPT_STARTTLS required when --tls-cert is given). Logs go to stderr.
+    --nbd-listen (NBD_OPT_STARTTLS required when --tls-cert is given). The same exports
+    are files in STATE_DIR/fuse (VOLUME read-write, VOLUME@N read-only): `mount -o loop`
+    them, or `shadowblk mount` a snapshot. Logs go to stderr.
     """
     import trio
 
@@ -97,7 +105,9 @@ def serve(
     if tls_cert is not None and nbd_listen is None:
         raise click.UsageError("--tls-cert applies to the TCP listener: give --nbd-listen too")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    config = ServiceConfig(state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key)
+    config = ServiceConfig(
+        state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key, not no_fuse, fuse_dir
+    )
     service = Service(config)
     try:
         trio.run(service.run)
