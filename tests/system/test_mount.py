@@ -183,7 +183,8 @@ def test_no_recover_mounts_the_snapshot_as_it_is(
     assert Path(loop.backing).name == "v@1"  # the snapshot itself, no overlay
     ro = Path("/sys/block") / Path(loop.device).name / "ro"
     assert ro.read_text().strip() == "1"
-    options = next(m for m in open("/proc/self/mounts") if f" {target} " in m).split()[3]
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    options = next(m for m in mounts if f" {target} " in m).split()[3]
     assert "ro" in options.split(",")
     for name, digest in kept.items():
         assert sha256(target / name) == digest
