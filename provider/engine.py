@@ -99,7 +99,9 @@ class Engine:
         self._volumes: dict[str, CowVolume] = {}
         self.unavailable: dict[str, str] = {}  # volume name -> why it could not be opened
         self._exports: dict[str, int] = {}  # volume name -> open devices
-        self.stats = {"commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0}
+        self.stats = {
+            "commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0, "flushes": 0
+        }  # fmt: skip
         self._gate = Gate()  # lets the preserver take `_lock` between inline I/O calls
         self._preserver = Preserver(self._cond, self._gate, catalog, self._free, self.stats)
 
@@ -690,6 +692,8 @@ class Engine:
             vols = [vol] if vol is not None else list(self._volumes.values())
         for v in vols:
             v.origin.sync()
+        with self._lock:
+            self.stats["flushes"] += 1
 
     # --- statistics ----------------------------------------------------------------------
 

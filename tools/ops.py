@@ -16,7 +16,13 @@ from typing import Any
 import trio
 
 from shadowblk.provider.api import EngineAPI, SnapshotInfo
-from shadowblk.provider.errors import InvalidArgument, NotFound, NotSupported, ShadowblkError
+from shadowblk.provider.errors import (
+    Busy,
+    InvalidArgument,
+    NotFound,
+    NotSupported,
+    ShadowblkError,
+)
 
 from . import protocol
 
@@ -121,6 +127,14 @@ async def op_snapshot_delete(ctx: OpContext, args: dict[str, Any]) -> Any:
     if len(args) != 1:
         raise InvalidArgument("snapshot.delete: give exactly one of names, set, oldest")
     names = await ctx.call(_select_for_delete, ctx.engine, args)
+    if ctx.fuse is not None:  # even --force: the filesystem would fail under its user
+        from shadowblk.mount.host import where_mounted
+
+        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+        for name in names:
+            if mounted.get(name):
+                raise Busy(f"snapshot {name} is mounted on {', '.join(mounted[name])}: "
+                           "shadowblk umount it first")  # fmt: skip
     for done, name in enumerate(names):
         try:
             await ctx.call(ctx.engine.delete_snapshot, name, force=force)

@@ -11,6 +11,8 @@ from typing import Any
 import nbd
 import pytest
 
+from shadowblk.tools.client import ControlClient
+
 MiB = 1 << 20
 
 
@@ -56,6 +58,21 @@ def test_fuse_writes_are_copy_on_write_and_coherent_with_nbd(service: Any) -> No
     nbd_handle(service, "v").pwrite(b"\x5a" * 4096, 0)
     with open(fuse / "v", "rb", buffering=0) as f:
         assert f.read(4096) == b"\x5a" * 4096
+
+
+def test_fsync_of_a_fuse_file_is_an_engine_flush(service: Any) -> None:
+    service.cli.run("volume", "create", "v", "--size", "1M", "--sparse")
+
+    def flushes() -> int:
+        with ControlClient.connect(service.state_dir) as client:
+            return int(client.call("stats")["engine"]["flushes"])
+
+    before = flushes()
+    with open(service.state_dir / "fuse" / "v", "r+b", buffering=0) as f:
+        f.write(b"d" * 4096)
+        assert flushes() == before  # a write alone does not flush
+        os.fsync(f.fileno())
+        assert flushes() == before + 1
 
 
 def test_snapshot_files_refuse_writes_and_sizes_are_fixed(service: Any) -> None:

@@ -16,7 +16,8 @@ from .common import call, json_option, print_json
 @click.option(
     "--force",
     is_flag=True,
-    help="Delete even a snapshot in use (exported to a connected client); without it, busy.",
+    help="Delete even a snapshot in use (open by an NBD client or through its FUSE file); "
+    "without it, busy. A mounted snapshot is refused even so.",
 )
 @json_option
 @click.pass_context
@@ -31,7 +32,8 @@ def delete(
     """Delete snapshots by name (VOLUME@N), a whole set, or a volume's oldest snapshot.
 
     Names are checked first: if one does not exist, nothing is deleted. A snapshot in use
-    (an NBD client has it open) is refused with `busy` unless --force.
+    (an NBD client or an open FUSE file) is refused with `busy` unless --force; a snapshot
+    mounted with `shadowblk mount` is refused with `busy` until unmounted.
     """
     choices: list[tuple[str, Any]] = [
         ("names", list(names) or None), ("set", set_id), ("oldest", oldest)
