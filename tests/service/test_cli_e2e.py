@@ -52,6 +52,7 @@ def test_status_answers_with_listeners(service: ServiceProcess) -> None:
     assert status["listeners"] == {
         "control": os.fspath(service.control_socket),
         "nbd": os.fspath(service.nbd_socket),
+        "fuse": os.fspath(service.state_dir / "fuse"),
     }
     assert status["volumes"] == []
     for path in (service.control_socket, service.nbd_socket):
