@@ -219,7 +219,8 @@ class ShadowFS(pyfuse3.Operations):
         size = max(0, min(size, device.size - off))
         if not size:
             return b""
-        return _call(device.pread, off, size)
+        data = _call(device.pread, off, size)
+        return data if isinstance(data, bytes) else bytes(data)  # pyfuse3 wants bytes
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         device = self._device(fh)

@@ -48,7 +48,7 @@ class RecoveryOverlay:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfRange(f"{offset}+{length} is past the end of {self.name} ({self.size})")
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes | bytearray:
         self._check(offset, length)
         with self._lock:
             if not self._written:

@@ -70,7 +70,7 @@ class BlockDevice(Protocol):
     readonly: bool
     chunk_size: int
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes | bytearray:
         """Read; never blocks for long (page-cache I/O and in-memory look-ups)."""
         ...
 

@@ -199,7 +199,7 @@ class CowVolume:
 
     # --- reads ---------------------------------------------------------------------------
 
-    def read_origin(self, offset: int, length: int) -> bytes:
+    def read_origin(self, offset: int, length: int) -> bytes | bytearray:
         """The live contents: the origin, with pending chunks served from their overlay."""
         if not self.pending:
             return self.origin.pread(offset, length)
@@ -210,58 +210,65 @@ class CowVolume:
         epoch: int,
         offset: int,
         length: int,
-        read_diff: Callable[[int, Entry, int, int], Buffer],
-    ) -> bytes:
+        read_diff: Callable[[int, Entry, int, int, memoryview], None],
+    ) -> bytes | bytearray:
         """Contents of the snapshot that opened `epoch`. `read_diff(chunk, entry, start,
-        stop)` gives bytes [start, stop) of a preserved chunk."""
+        stop, out)` puts bytes [start, stop) of a preserved chunk into `out`."""
         if not self.index and not self.pending:
             return self.origin.pread(offset, length)
 
-        def source(chunk: int, start: int, stop: int) -> Buffer | None:
+        def source(chunk: int, start: int, stop: int, out: memoryview) -> bool:
             entries = self.index.get(chunk)
             if entries:
                 i = bisect_left(entries, epoch, key=_epoch)
                 if i < len(entries):
-                    return read_diff(chunk, entries[i], start, stop)
+                    read_diff(chunk, entries[i], start, stop, out)
+                    return True
             pending = self.pending.get(chunk)
-            return None if pending is None else memoryview(pending.old)[start:stop]
+            if pending is None:
+                return False
+            out[:] = memoryview(pending.old)[start:stop]
+            return True
 
         return self._assemble(offset, length, source)
 
-    def _origin_source(self, chunk: int, start: int, stop: int) -> Buffer | None:
+    def _origin_source(self, chunk: int, start: int, stop: int, out: memoryview) -> bool:
         pending = self.pending.get(chunk)
-        return None if pending is None else memoryview(pending.new)[start:stop]
+        if pending is None:
+            return False
+        out[:] = memoryview(pending.new)[start:stop]
+        return True
 
     def _assemble(
-        self, offset: int, length: int, source: Callable[[int, int, int], Buffer | None]
-    ) -> bytes:
-        """Build a range chunk by chunk: `source(chunk, start, stop)` gives those bytes of
-        the chunk, or None for "read the origin".
-
-        Consecutive chunks that come from the origin are read with one pread.
-        """
+        self,
+        offset: int,
+        length: int,
+        source: Callable[[int, int, int, memoryview], bool],
+    ) -> bytearray:
+        """Build a range chunk by chunk into one buffer, with no other copy:
+        `source(chunk, start, stop, out)` puts those bytes of the chunk into `out`, or
+        returns False for "read the origin". Consecutive chunks that come from the origin
+        are read with one system call."""
         cs = self.chunk_size
         end = offset + length
-        parts: list[Buffer] = []
+        result = bytearray(length)
+        view = memoryview(result)
         run_start = -1  # start of the pending run of origin bytes
         pos = offset
         while pos < end:
             chunk = pos // cs
             base = chunk * cs
             hi = min(end, base + cs)
-            data = source(chunk, pos - base, hi - base)
-            if data is None:
-                if run_start < 0:
-                    run_start = pos
-            else:
+            if source(chunk, pos - base, hi - base, view[pos - offset : hi - offset]):
                 if run_start >= 0:
-                    parts.append(self.origin.pread(run_start, pos - run_start))
+                    self.origin.pread_into(run_start, view[run_start - offset : pos - offset])
                     run_start = -1
-                parts.append(data)
+            elif run_start < 0:
+                run_start = pos
             pos = hi
         if run_start >= 0:
-            parts.append(self.origin.pread(run_start, end - run_start))
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+            self.origin.pread_into(run_start, view[run_start - offset : end - offset])
+        return result
 
     # --- writes --------------------------------------------------------------------------
 

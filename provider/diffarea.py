@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 from pyroaring import BitMap64
 
 from .errors import DamagedData, FormatError
-from .fileio import fsync_dir, pread_full, punch_hole, pwrite_full
+from .fileio import fsync_dir, preadv_full, punch_hole, pwrite_full
 
 MARKER = "shadowblk-diff-area.json"
 DATA = "chunks.dat"
@@ -136,23 +137,13 @@ class DiffArea:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def read(
-        self, slot: int, length: int, expected: bytes, start: int = 0, stop: int | None = None
-    ) -> bytes:
-        """Bytes [start, stop) of a preserved chunk of `length` bytes (default: all of it).
-        Reads the 4 KiB blocks that cover them and checks each against `expected` (the
-        entry's `chunk_hash`); a mismatch or an I/O error is `DamagedData`."""
-        stop = length if stop is None else stop
-        lo = start - start % BLOCK
-        hi = min(length, -(-stop // BLOCK) * BLOCK)
-        try:
-            data = pread_full(self.fd, hi - lo, slot * self.chunk_size + lo)
-        except OSError as e:
-            raise DamagedData(f"diff area {self.path}: read of slot {slot} failed: {e}") from e
-        first = lo // BLOCK * BLOCK_HASH
-        if chunk_hash(data) != expected[first : first + len(data) // -BLOCK * -BLOCK_HASH]:
-            raise DamagedData(f"diff area {self.path}: slot {slot} fails its checksum")
-        return data if (lo, hi) == (start, stop) else data[start - lo : stop - lo]
+    def read(self, slot: int, length: int, expected: bytes) -> bytearray:
+        """A whole preserved chunk of `length` bytes, checked (see `Gather`)."""
+        out = bytearray(length)
+        reads = Gather(self)
+        reads.add(slot, length, expected, 0, length, memoryview(out))
+        reads.finish()
+        return out
 
     def punch(self, slots: list[int]) -> None:
         """Deallocate the data of freed slots (call only after the free is durable)."""
@@ -171,6 +162,84 @@ class DiffArea:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+IOV_LIMIT = 512  # buffers per preadv (IOV_MAX is 1024 on Linux)
+
+
+@dataclass
+class _Member:
+    slot: int
+    lo: int  # the blocks read: [lo, hi) of the chunk
+    hi: int
+    start: int  # the bytes wanted: [start, stop) of the chunk
+    stop: int
+    buf: memoryview  # where the blocks are read: `out` itself when they are the bytes wanted
+    out: memoryview
+    expected: bytes  # the blocks' checksums
+    chunk: int
+
+
+class Gather:
+    """The preserved-chunk reads of one request, made together by `finish`.
+
+    Each read covers whole 4 KiB blocks (straight into its destination when the bytes
+    wanted are whole blocks) and is checked block by block against the entry's
+    `chunk_hash`. Reads that follow each other in the file (chunks preserved together are
+    in consecutive slots) go out in one preadv: a sequential read of an old snapshot costs
+    a few system calls, not one per chunk.
+    """
+
+    def __init__(self, diff: DiffArea) -> None:
+        self.diff = diff
+        self._runs: list[tuple[int, list[_Member]]] = []  # (file offset, members)
+        self._end = -1  # file offset just past the last run
+
+    def add(
+        self,
+        slot: int,
+        length: int,
+        expected: bytes,
+        start: int,
+        stop: int,
+        out: memoryview,
+        chunk: int = -1,
+    ) -> None:
+        """Bytes [start, stop) of the chunk of `length` bytes in `slot`, into `out`."""
+        lo = start - start % BLOCK
+        hi = min(length, -(-stop // BLOCK) * BLOCK)
+        buf = out if (lo, hi) == (start, stop) else memoryview(bytearray(hi - lo))
+        first = lo // BLOCK * BLOCK_HASH
+        hashes = expected[first : first + (hi - lo) // -BLOCK * -BLOCK_HASH]
+        member = _Member(slot, lo, hi, start, stop, buf, out, hashes, chunk)
+        at = slot * self.diff.chunk_size + lo
+        if at == self._end and len(self._runs[-1][1]) < IOV_LIMIT:
+            self._runs[-1][1].append(member)
+        else:
+            self._runs.append((at, [member]))
+        self._end = at + hi - lo
+
+    def finish(self) -> None:
+        """Read and check everything added. `DamagedData` (naming the chunk) at the first
+        read that fails or mismatches: the destination buffers must then be thrown away."""
+        fd, path = self.diff.fd, self.diff.path
+        for at, members in self._runs:
+            try:
+                total = sum(m.hi - m.lo for m in members)
+                if os.preadv(fd, [m.buf for m in members], at) < total:  # EOF, or short
+                    for m in members:
+                        preadv_full(fd, m.buf, m.slot * self.diff.chunk_size + m.lo)
+            except OSError as e:
+                raise DamagedData(f"diff area {path}: read at {at} failed: {e}") from e
+            for m in members:
+                if chunk_hash(m.buf) != m.expected:
+                    raise DamagedData(
+                        f"diff area {path}: chunk {m.chunk} (slot {m.slot}) fails its checksum"
+                    )
+                if m.buf is not m.out:
+                    m.out[:] = m.buf[m.start - m.lo : m.stop - m.lo]
+        self._runs.clear()
+        self._end = -1
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:

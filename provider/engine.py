@@ -52,7 +52,7 @@ from . import extents
 from .api import SnapshotInfo, VolumeInfo
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, zeroes
-from .diffarea import DiffArea, chunk_hash, legacy_chunk_hash
+from .diffarea import DiffArea, Gather, chunk_hash, legacy_chunk_hash
 from .errors import (
     AlreadyExists,
     Busy,
@@ -499,43 +499,36 @@ class Engine:
 
     # --- the data path -------------------------------------------------------------------
 
-    def read_origin(self, vol: CowVolume, offset: int, length: int) -> bytes:
+    def read_origin(self, vol: CowVolume, offset: int, length: int) -> bytes | bytearray:
         _check_range(vol, offset, length)
         self._gate.pass_through()
         with self._lock:
             return vol.read_origin(offset, length)
 
-    def read_snapshot(self, vol: CowVolume, snap: Snapshot, offset: int, length: int) -> bytes:
+    def read_snapshot(
+        self, vol: CowVolume, snap: Snapshot, offset: int, length: int
+    ) -> bytes | bytearray:
         _check_range(vol, offset, length)
         self._gate.pass_through()
         with self._lock:
             self._check_live(vol, snap)
-            return vol.read_snapshot(
-                snap.epoch, offset, length, partial(self._read_diff, vol, snap)
-            )
+            reads = Gather(vol.diff)
+            data = vol.read_snapshot(snap.epoch, offset, length, partial(_read_diff, vol, reads))
+            try:
+                reads.finish()
+            except DamagedData as e:
+                log.error("snapshot %s: %s", snap.name, e.message)
+                if snap.state == "ok":
+                    snap.state = "damaged"
+                    self._preserver.record_state_nowait(snap.id, "damaged")
+                raise
+            return data
 
     def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
         if vol.snapshots.get(snap.seq) is not snap:
             raise NotFound(f"snapshot {snap.name} was deleted")
         if snap.state == "invalid":
             raise DamagedData(f"snapshot {snap.name} is invalid")
-
-    def _read_diff(
-        self, vol: CowVolume, snap: Snapshot, chunk: int, entry: Entry, start: int, stop: int
-    ) -> Buffer:
-        """Bytes [start, stop) of a preserved chunk, checked (a mismatch marks `snap`
-        damaged)."""
-        if entry[1] == ZERO:
-            return memoryview(zeroes(vol.chunk_len(chunk)))[start:stop]
-        assert entry[2] is not None
-        try:
-            return vol.diff.read(entry[1], vol.chunk_len(chunk), entry[2], start, stop)
-        except DamagedData as e:
-            log.error("snapshot %s, chunk %d: %s", snap.name, chunk, e.message)
-            if snap.state == "ok":
-                snap.state = "damaged"
-                self._preserver.record_state_nowait(snap.id, "damaged")
-            raise
 
     def write_nowait(
         self, vol: CowVolume, offset: int, data: bytes | bytearray | memoryview
@@ -717,6 +710,18 @@ class Engine:
                 unavailable=dict(self.unavailable),
                 exports=dict(self._exports),
             )
+
+
+def _read_diff(
+    vol: CowVolume, reads: Gather, chunk: int, entry: Entry, start: int, stop: int, out: memoryview
+) -> None:
+    """Bytes [start, stop) of a preserved chunk into `out`: at once for a zero entry, at
+    `reads.finish()` for data (checked there)."""
+    if entry[1] == ZERO:
+        out[:] = memoryview(zeroes(vol.chunk_len(chunk)))[start:stop]
+        return
+    assert entry[2] is not None
+    reads.add(entry[1], vol.chunk_len(chunk), entry[2], start, stop, out, chunk)
 
 
 def _needed(vol: CowVolume, chunk: int, entry: Entry) -> bool:

@@ -58,7 +58,7 @@ class OriginDevice(_Device):
     def __init__(self, engine: Engine, vol: CowVolume) -> None:
         super().__init__(engine, vol, None)
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes | bytearray:
         return self._engine.read_origin(self._vol, offset, length)
 
     def write_nowait(self, offset: int, data: Buffer) -> bool:
@@ -86,7 +86,7 @@ class SnapshotDevice(_Device):
         super().__init__(engine, vol, snap)
         self._live = snap
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes | bytearray:
         return self._engine.read_snapshot(self._vol, self._live, offset, length)
 
     def write_nowait(self, offset: int, data: Buffer) -> bool:

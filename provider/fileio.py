@@ -44,6 +44,17 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def preadv_full(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from `offset` (zeroes past end of file, as a disk would): no copy."""
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if not n:
+            view[:] = bytes(len(view))
+            return
+        view = view[n:]
+        offset += n
+
+
 def pwrite_full(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """Write all of `data`, looping on short writes."""
     view = memoryview(data)

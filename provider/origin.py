@@ -20,6 +20,7 @@ from .fileio import (
     fsync_dir,
     ofd_lock,
     pread_full,
+    preadv_full,
     pwrite_full,
     zero_block_range,
     zero_file_range,
@@ -92,6 +93,9 @@ class Origin:
 
     def pread(self, offset: int, length: int) -> bytes:
         return pread_full(self.fd, length, offset)
+
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        preadv_full(self.fd, view, offset)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         pwrite_full(self.fd, data, offset)

@@ -104,7 +104,7 @@ def _segments(t: Transmission, request: Request) -> list[tuple[int, int, bool]]:
     return segments
 
 
-def _pread(t: Transmission, request: Request, offset: int, length: int) -> bytes:
+def _pread(t: Transmission, request: Request, offset: int, length: int) -> bytes | bytearray:
     data = t.engine(request, t.device.pread, offset, length)
     if len(data) != length:
         t.log_failure(request, f"pread returned {len(data)} of {length} bytes")

@@ -287,6 +287,31 @@ def test_a_corrupt_block_fails_every_read_that_touches_it(engine: Engine) -> Non
     assert engine.snapshots()[0].state == "damaged"
 
 
+def test_reads_gathered_across_consecutive_slots_check_every_chunk(engine: Engine) -> None:
+    # one write preserves 16 chunks together: consecutive slots, read with one preadv
+    engine.create_volume("v", size=1 << 20)
+    before = os.urandom(1 << 20)
+    write(engine, "v", 0, before)
+    engine.create_snapshot_set(["v"])
+    write(engine, "v", 0, os.urandom(1 << 20))
+    engine.flush()
+    assert read(engine, "v@1") == before
+    assert (
+        read(engine, "v@1", 3 * CHUNK - 100, 5 * CHUNK + 200)
+        == before[3 * CHUNK - 100 :][: 5 * CHUNK + 200]
+    )
+    data_file = Path(engine.volumes()[0].diff_area) / DATA
+    slots = data_file.read_bytes()
+    victim = next(i for i in range(16) if slots[i * CHUNK :][:CHUNK] == before[7 * CHUNK :][:CHUNK])
+    with open(data_file, "r+b") as f:  # chunk 7, block 3
+        f.seek(victim * CHUNK + 3 * 4096)
+        f.write(bytes([slots[victim * CHUNK + 3 * 4096] ^ 0x80]))
+    with pytest.raises(DamagedData, match="chunk 7 "):
+        read(engine, "v@1")
+    assert read(engine, "v@1", 0, 7 * CHUNK) == before[: 7 * CHUNK]
+    assert read(engine, "v@1", 8 * CHUNK, 8 * CHUNK) == before[8 * CHUNK :]
+
+
 def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> None:
     engine = Engine.open(tmp_path / "s")
     engine.create_volume("v", size=1 << 20)
