@@ -384,16 +384,18 @@ class CowVolume:
         if entry[0] == self.epoch:
             self.done.add(chunk)
 
-    def diff_bytes_of(self, snap: Snapshot) -> int:
-        """Bytes of diff-area data only `snap` needs (what deleting it would free)."""
-        total = 0
+    def diff_bytes_by_epoch(self) -> dict[int, int]:
+        """Bytes of diff-area data only one snapshot needs (what deleting it would free), by
+        the snapshot's epoch, for every snapshot at once: one pass over the index."""
+        totals = dict.fromkeys(self.live_epochs, 0)
+        live = self.live_epochs
         for entries in self.index.values():
-            i = bisect_left(entries, snap.epoch, key=_epoch)
-            if i >= len(entries) or entries[i][1] == ZERO:
-                continue
-            p = entries[i - 1][0] if i > 0 else -1
-            j = bisect_right(self.live_epochs, p)
-            k = bisect_right(self.live_epochs, entries[i][0])
-            if k - j == 1 and self.live_epochs[j] == snap.epoch:
-                total += self.chunk_size
-        return total
+            previous = -1
+            for epoch, slot, _ in entries:
+                # the entry is read by the snapshots with epochs in (previous, epoch]
+                j = bisect_right(live, previous)
+                alone = j + 1 == len(live) or (j + 1 < len(live) and live[j + 1] > epoch)
+                if slot != ZERO and j < len(live) and live[j] <= epoch and alone:
+                    totals[live[j]] += self.chunk_size
+                previous = epoch
+        return totals

@@ -345,7 +345,8 @@ class Engine:
                     for v in vols:
                         v.held -= 1
                     self._cond.notify_all()
-            return [self._snapshot_info(v, s) for v, s in zip(vols, snaps, strict=True)]
+            # new snapshots: nothing preserved for them yet, no index scan
+            return [_snapshot_info(s, 0) for s in snaps]
 
     def _commit_set(
         self, vols: list[CowVolume], label: str | None, deadline: float
@@ -436,7 +437,11 @@ class Engine:
     def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
         with self._lock:
             vols = [self._volume(volume)] if volume else list(self._volumes.values())
-            return [self._snapshot_info(v, s) for v in vols for s in v.snapshots.values()]
+            infos = []
+            for v in vols:
+                unique = v.diff_bytes_by_epoch()
+                infos += [_snapshot_info(s, unique.get(s.epoch, 0)) for s in v.snapshots.values()]
+            return infos
 
     def _find_snapshot(self, name: str) -> tuple[CowVolume, Snapshot]:
         vname, sep, seq = name.rpartition("@")
@@ -447,21 +452,6 @@ class Engine:
         if snap is None:
             raise NotFound(f"no snapshot {name}")
         return vol, snap
-
-    def _snapshot_info(self, vol: CowVolume, s: Snapshot) -> SnapshotInfo:
-        return SnapshotInfo(
-            name=s.name,
-            id=s.id,
-            volume=s.volume,
-            seq=s.seq,
-            set=s.set_id,
-            created=s.created,
-            epoch=s.epoch,
-            state=s.state,
-            label=s.label,
-            diff_bytes=vol.diff_bytes_of(s),
-            attrs=dict(s.attrs),
-        )
 
     # --- exports -------------------------------------------------------------------------
 
@@ -710,6 +700,22 @@ class Engine:
                 unavailable=dict(self.unavailable),
                 exports=dict(self._exports),
             )
+
+
+def _snapshot_info(s: Snapshot, diff_bytes: int) -> SnapshotInfo:
+    return SnapshotInfo(
+        name=s.name,
+        id=s.id,
+        volume=s.volume,
+        seq=s.seq,
+        set=s.set_id,
+        created=s.created,
+        epoch=s.epoch,
+        state=s.state,
+        label=s.label,
+        diff_bytes=diff_bytes,
+        attrs=dict(s.attrs),
+    )
 
 
 def _read_diff(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import sqlite3
 import subprocess
 import threading
@@ -310,6 +311,23 @@ def test_reads_gathered_across_consecutive_slots_check_every_chunk(engine: Engin
         read(engine, "v@1")
     assert read(engine, "v@1", 0, 7 * CHUNK) == before[: 7 * CHUNK]
     assert read(engine, "v@1", 8 * CHUNK, 8 * CHUNK) == before[8 * CHUNK :]
+
+
+def test_each_snapshots_diff_bytes_is_what_deleting_it_frees(engine: Engine) -> None:
+    rng = random.Random(7)
+    engine.create_volume("v", size=64 * CHUNK)
+    write(engine, "v", 0, os.urandom(64 * CHUNK))
+    for _ in range(12):
+        engine.create_snapshot_set(["v"])
+        for _ in range(rng.randrange(1, 20)):
+            write(engine, "v", rng.randrange(64) * CHUNK + rng.randrange(CHUNK - 512), b"w" * 512)
+    engine.flush()
+    while engine.snapshots():
+        victim = rng.choice(engine.snapshots())
+        used = engine.statistics()["volumes"]["v"]["diff_bytes"]
+        engine.delete_snapshot(victim.name)
+        freed = used - engine.statistics()["volumes"]["v"]["diff_bytes"]
+        assert freed == victim.diff_bytes, victim.name
 
 
 def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> None:
