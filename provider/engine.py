@@ -71,6 +71,7 @@ from .fileio import flock_exclusive, pread_full
 from .origin import Origin
 from .preserver import Gate, Preserver
 from .volumes import DEFAULT_CHUNK_SIZE, Provisioned, VolumeSpec, discard_origin, provision
+from .writeback import Writeback
 
 log = logging.getLogger("shadowblk.engine")
 
@@ -102,6 +103,7 @@ class Engine:
         self.stats = {
             "commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0, "flushes": 0
         }  # fmt: skip
+        self._writeback = Writeback(lambda: [v.origin for v in list(self._volumes.values())])
         self._gate = Gate()  # lets the preserver take `_lock` between inline I/O calls
         self._preserver = Preserver(self._cond, self._gate, catalog, self._free, self.stats)
 
@@ -120,11 +122,13 @@ class Engine:
             os.close(lock_fd)
             raise
         engine._preserver.start()
+        engine._writeback.start()
         return engine
 
     def close(self) -> None:
         """Drain every preserve, make the origins durable, release everything."""
         self._preserver.stop()
+        self._writeback.stop()
         for vol in self._volumes.values():
             vol.origin.sync()
             vol.origin.close()
@@ -154,6 +158,7 @@ class Engine:
             origin.close()
             raise
         vol = CowVolume(row, origin, diff)
+        origin.on_dirty = self._writeback.poke
         for s in self.catalog.query(
             "SELECT * FROM snapshots WHERE volume_id=? ORDER BY seq", (vol.id,)
         ):
@@ -259,6 +264,7 @@ class Engine:
                 ),
             )
         row = self.catalog.query("SELECT * FROM volumes WHERE name=?", (spec.name,))[0]
+        made.origin.on_dirty = self._writeback.poke
         return CowVolume(row, made.origin, made.diff)
 
     def remove_volume(self, name: str) -> None:

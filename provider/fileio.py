@@ -55,6 +55,17 @@ def preadv_full(fd: int, view: memoryview, offset: int) -> None:
         offset += n
 
 
+SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages back (sync_file_range WRITE: no wait, no
+    durability promise; a later fdatasync has less to do). Advisory: errors are ignored,
+    fdatasync reports them."""
+    _libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+
+
 def pwrite_full(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """Write all of `data`, looping on short writes."""
     view = memoryview(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InvalidArgument, Locked
@@ -22,6 +23,7 @@ from .fileio import (
     pread_full,
     preadv_full,
     pwrite_full,
+    start_writeback,
     zero_block_range,
     zero_file_range,
 )
@@ -35,6 +37,8 @@ class Origin:
         self.fd = fd
         self.kind = kind
         self.size = size
+        self.dirty = False  # written since the last start_writeback
+        self.on_dirty: Callable[[], None] | None = None  # told when `dirty` becomes true
 
     @classmethod
     def open(cls, path: Path) -> Origin:
@@ -99,6 +103,17 @@ class Origin:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         pwrite_full(self.fd, data, offset)
+        if not self.dirty:
+            self.dirty = True
+            if self.on_dirty is not None:
+                self.on_dirty()
+
+    def start_writeback(self) -> None:
+        """If written since the last call, start writing the dirty pages back (see
+        `engine.Writeback`)."""
+        if self.dirty:
+            self.dirty = False
+            start_writeback(self.fd)
 
     def zero(self, offset: int, length: int, *, punch: bool) -> None:
         """Make a range read as zeroes: BLKZEROOUT on a block device (never a discard),

@@ -8,6 +8,7 @@ import random
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -328,6 +329,20 @@ def test_each_snapshots_diff_bytes_is_what_deleting_it_frees(engine: Engine) -> 
         engine.delete_snapshot(victim.name)
         freed = used - engine.statistics()["volumes"]["v"]["diff_bytes"]
         assert freed == victim.diff_bytes, victim.name
+
+
+def test_written_origins_get_their_writeback_started(engine: Engine) -> None:
+    engine.create_volume("v", size=1 << 20)
+    origin = engine._volumes["v"].origin  # noqa: SLF001 - the writeback's own flag
+    write(engine, "v", 0, b"a" * 4096)
+    deadline = time.monotonic() + 30  # a bound on the wait, not a figure checked
+    while origin.dirty and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not origin.dirty
+    write(engine, "v", 4096, b"b" * 4096)  # and again: the thread sleeps until poked
+    while origin.dirty and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not origin.dirty
 
 
 def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> None:
