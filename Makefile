@@ -53,7 +53,8 @@ serve: setup
 	echo "shadowblk: serving volume 'demo' from $(STATE); stop with Ctrl-C. From another shell:"; \
 	echo "  nbdinfo 'nbd+unix:///demo?socket=$(STATE)/nbd.sock'"; \
 	echo "  qemu-img info 'nbd+unix:///demo?socket=$$sock'"; \
-	echo "  $(VENV)/bin/shadowblk --state-dir $(STATE) status"
+	echo "  $(VENV)/bin/shadowblk --state-dir $(STATE) status"; \
+	echo "  ls -l $(STATE)/fuse        # the volume and its snapshots as files (see README)"
 	$(VENV)/bin/shadowblk --state-dir $(STATE) serve --init-volume demo=1G
 
 test: setup
