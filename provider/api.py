@@ -12,6 +12,7 @@ thread (`trio.to_thread.run_sync`) by async callers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -178,5 +179,11 @@ class EngineAPI(ExportRegistry, Protocol):
     def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]: ...
 
     def statistics(self) -> dict[str, Any]: ...
+
+    def verify(
+        self, name: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
+        """Re-check preserved data: {"checked": N, "damaged": [...]} (see Engine.verify)."""
+        ...
 
     def close(self) -> None: ...

@@ -15,6 +15,7 @@ import errno
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -94,22 +95,34 @@ class ControlClient:
             raise ShadowblkError(f"cannot connect to {path}: {exc.strerror}") from None
         return cls(sock)
 
-    def call(self, op: str, **args: Any) -> Any:
-        """Send one request and wait for its reply (events that arrive meanwhile are kept)."""
+    def call(
+        self, op: str, *, on_event: Callable[[dict[str, Any]], None] | None = None, **args: Any
+    ) -> Any:
+        """Send one request and wait for its reply. Events that arrive meanwhile go to
+        `on_event`, or are kept in `events`."""
         rid = next(self._ids)
         try:
-            return self._call(rid, op, args)
+            return self._call(rid, op, args, on_event)
         except TimeoutError:
             raise NoAnswer(
                 f"the service did not answer {op} within {self._sock.gettimeout()} s"
             ) from None
 
-    def _call(self, rid: int, op: str, args: dict[str, Any]) -> Any:
+    def _call(
+        self,
+        rid: int,
+        op: str,
+        args: dict[str, Any],
+        on_event: Callable[[dict[str, Any]], None] | None,
+    ) -> Any:
         self._sock.sendall(protocol.encode({"id": rid, "op": op, "args": args}))
         while True:
             message = self._receive()
             if "event" in message:
-                self.events.append(message)
+                if on_event is not None:
+                    on_event(message)
+                else:
+                    self.events.append(message)
                 continue
             if message.get("id") != rid:
                 raise ProtocolError(f"reply for request {message.get('id')!r}, expected {rid}")

@@ -31,7 +31,7 @@ from shadowblk.provider.unixsock import identity as socket_identity
 from shadowblk.provider.unixsock import remove_if_same, remove_stale_socket
 
 from . import protocol
-from .ops import HANDLERS, OpContext
+from .ops import HANDLERS, OpContext, current_events
 
 log = logging.getLogger("shadowblk.control")
 
@@ -142,6 +142,7 @@ class Connection:
             message = protocol.decode_line(line)
             rid = protocol.request_id(message)
             request = protocol.validate_request(message)
+            current_events.set(self.push_event_nowait)
             result = await HANDLERS[request.op](self._ctx, request.args)
         except ShadowblkError as exc:
             return protocol.reply_error(rid, exc.code, exc.message)

@@ -8,6 +8,8 @@ error replies.
 
 from __future__ import annotations
 
+import contextvars
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +29,12 @@ from shadowblk.provider.errors import (
 from . import protocol
 
 StatsSource = Callable[[], dict[str, Any]]
+EventSink = Callable[[str, dict[str, Any]], None]
+# the requesting connection's event sink, set by control.Connection around each handler
+current_events: contextvars.ContextVar[EventSink | None] = contextvars.ContextVar(
+    "current_events", default=None
+)
+PROGRESS_EVERY = 0.25  # seconds between two progress events
 
 
 @dataclass
@@ -165,6 +173,24 @@ def _select_for_delete(engine: EngineAPI, args: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(args["names"]))
 
 
+async def op_verify(ctx: OpContext, args: dict[str, Any]) -> Any:
+    """Re-check preserved data; with `progress`, `verify.progress` events {"done",
+    "total"} go to the requesting connection while it runs."""
+    sink = current_events.get() if args.get("progress") else None
+    token = trio.lowlevel.current_trio_token()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:  # in the worker thread
+        now = time.monotonic()
+        if sink is not None and (now - last[0] >= PROGRESS_EVERY or done == total):
+            last[0] = now
+            trio.from_thread.run_sync(
+                sink, "verify.progress", {"done": done, "total": total}, trio_token=token
+            )
+
+    return await ctx.call(ctx.engine.verify, args.get("name"), progress)
+
+
 HANDLERS: dict[str, Handler] = {
     "status": op_status,
     "stats": op_stats,
@@ -176,6 +202,7 @@ HANDLERS: dict[str, Handler] = {
     "snapshot.delete": op_snapshot_delete,
     "mount.prepare": op_mount_prepare,
     "mount.release": op_mount_release,
+    "verify": op_verify,
 }
 
 if set(HANDLERS) != set(protocol.OPS):  # the schema and the handlers are one table's halves

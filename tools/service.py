@@ -53,6 +53,7 @@ class ServiceConfig:
     tls_key: Path | None = None
     fuse: bool = True  # the FUSE front-end (--no-fuse turns it off)
     fuse_dir: Path | None = None  # default: <state>/fuse
+    scrub_interval: float | None = None  # seconds between background verifies; None: off
 
 
 class Service:
@@ -69,6 +70,7 @@ class Service:
         self.started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self.nbd: NBDServer | None = None  # set while serving
         self.control: ControlServer | None = None  # set while serving; pushes events
+        self.scrub_interval = config.scrub_interval
         self.fuse_dir: Path | None = None
         if config.fuse:
             self.fuse_dir = Path(os.path.abspath(config.fuse_dir or self.state_dir / "fuse"))
@@ -145,6 +147,8 @@ class Service:
             mark_io_flusher()
             fuse = FuseFrontend(engine, self.fuse_dir, self.state_dir / "overlays")
             await servers.start(fuse.serve)
+        if self.scrub_interval:
+            servers.start_soon(_scrub, engine, self.scrub_interval)
         stats: dict[str, StatsSource] = {"nbd": self.nbd.statistics}
         self.control = ControlServer(OpContext(engine, self.info, stats, fuse))
         stats["control"] = self.control.statistics
@@ -178,6 +182,19 @@ async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
         scope.cancel()
         return
+
+
+async def _scrub(engine: EngineAPI, interval: float) -> None:
+    """The background scrub: `verify` of everything every `interval` seconds (damage marks
+    the snapshots that read it, as a read would, and is logged)."""
+    while True:
+        await trio.sleep(interval)
+        result = await trio.to_thread.run_sync(engine.verify)
+        damaged = result["damaged"]
+        if damaged:
+            log.error("scrub: %d of %d preserved chunks damaged", len(damaged), result["checked"])
+        else:
+            log.info("scrub: %d preserved chunks checked, no damage", result["checked"])
 
 
 async def _close_engine(engine: EngineAPI) -> None:

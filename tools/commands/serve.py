@@ -76,6 +76,9 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="PEM private key of --tls-cert.")  # fmt: skip
 @click.option("--fuse-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the FUSE files appear (default: STATE_DIR/fuse).")
+@click.option("--scrub-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="Verify every preserved chunk in the background this often "
+              "(default: never; `shadowblk verify` does it on demand).")
 @click.option("--no-fuse", is_flag=True,
               help="No FUSE front-end (no files, no `shadowblk mount`).")  # fmt: skip
 @click.pass_context
@@ -86,6 +89,7 @@ def serve(
     tls_cert: Path | None,
     tls_key: Path | None,
     fuse_dir: Path | None,
+    scrub_interval: float | None,
     no_fuse: bool,
 ) -> None:
     """Run the service in the foreground until SIGINT or SIGTERM.
@@ -106,7 +110,8 @@ def serve(
         raise click.UsageError("--tls-cert applies to the TCP listener: give --nbd-listen too")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     config = ServiceConfig(
-        state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key, not no_fuse, fuse_dir
+        state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key, not no_fuse, fuse_dir,
+        scrub_interval,
     )
     service = Service(config)
     try:
