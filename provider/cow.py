@@ -132,6 +132,8 @@ class CowVolume:
         self.diff = diff
         self.snapshots: dict[int, Snapshot] = {}
         self.live_epochs: list[int] = []
+        # invalidated snapshots (the invalidate policy): listed, never read, holding no data
+        self.invalid: dict[int, Snapshot] = {}
         self.index: dict[int, list[Entry]] = {}
         self.changed = BitMap64()  # the chunks of `index`, ordered (range scans)
         self.done = BitMap64()

@@ -163,7 +163,11 @@ class Engine:
         for s in self.catalog.query(
             "SELECT * FROM snapshots WHERE volume_id=? ORDER BY seq", (vol.id,)
         ):
-            vol.add_snapshot(_snapshot_from_row(s, vol.name))
+            snap = _snapshot_from_row(s, vol.name)
+            if snap.state == "invalid":  # listed only; its data is freed by _recover
+                vol.invalid[snap.seq] = snap
+            else:
+                vol.add_snapshot(snap)
         for chunk, epoch, slot, digest in self.catalog.iter_chunks(vol.id):
             vol.load_entry(chunk, epoch, slot, digest)
         if row["legacy_checksums"]:
@@ -399,10 +403,20 @@ class Engine:
                     raise HoldTimeout("pending writes did not drain within the hold limit")
                 self._cond.wait(remaining)
 
-    def delete_snapshot(self, name: str, *, force: bool = False) -> None:
-        """Delete one snapshot (any, not only the oldest) and reclaim what only it needed."""
+    def delete_snapshot(
+        self, name: str, *, force: bool = False, invalidate: bool = False
+    ) -> None:
+        """Delete one snapshot (any, not only the oldest) and reclaim what only it needed.
+        `invalidate`: reclaim the same, but keep it listed as `invalid` (the invalidate
+        policy); deleting an invalid snapshot removes it from the list."""
         with self._admin:
             vol, snap = self._find_snapshot(name)
+            if vol.invalid.get(snap.seq) is snap:
+                if not invalidate:
+                    self._free(vol, [], snap)
+                    with self._lock:
+                        del vol.invalid[snap.seq]
+                return
             if snap.pins and not force:
                 raise Busy(f"snapshot {name} is in use ({snap.pins} open export(s))")
             with self._lock:
@@ -413,24 +427,35 @@ class Engine:
                 for chunk, entry in freed:
                     vol.remove_entry(chunk, entry)
             try:
-                self._free(vol, freed, snap)
+                self._free(vol, freed, snap, keep=invalidate)
             except BaseException:
                 with self._lock:
                     vol.add_snapshot(snap)
                     for chunk, entry in freed:
                         vol.insert_entry(chunk, entry)
                 raise
+            if invalidate:
+                with self._lock:
+                    snap.state = "invalid"
+                    vol.invalid[snap.seq] = snap
 
     def _free(
-        self, vol: CowVolume, freed: list[tuple[int, Entry]], snap: Snapshot | None = None
+        self,
+        vol: CowVolume,
+        freed: list[tuple[int, Entry]],
+        snap: Snapshot | None = None,
+        keep: bool = False,
     ) -> None:
-        """Commit the removal of entries (and of `snap`), then punch and release their slots."""
+        """Commit the removal of entries (and of `snap`, or with `keep` its new state,
+        invalid), then punch and release their slots."""
         with self.catalog.transaction() as t:
             t.executemany(
                 "DELETE FROM chunks WHERE volume_id=? AND chunk=? AND epoch=?",
                 [(vol.id, c, e[0]) for c, e in freed],
             )
-            if snap is not None:
+            if snap is not None and keep:
+                t.execute("UPDATE snapshots SET state='invalid' WHERE id=?", (snap.id,))
+            elif snap is not None:
                 t.execute("DELETE FROM snapshots WHERE id=?", (snap.id,))
                 t.execute(
                     "DELETE FROM snapsets WHERE id=? AND id NOT IN (SELECT set_id FROM snapshots)",
@@ -448,14 +473,15 @@ class Engine:
             for v in vols:
                 unique = v.diff_bytes_by_epoch()
                 infos += [_snapshot_info(s, unique.get(s.epoch, 0)) for s in v.snapshots.values()]
-            return infos
+                infos += [_snapshot_info(s, 0) for s in v.invalid.values()]
+            return sorted(infos, key=lambda i: (i.volume, i.seq))
 
     def _find_snapshot(self, name: str) -> tuple[CowVolume, Snapshot]:
         vname, sep, seq = name.rpartition("@")
         if not sep or not seq.isdigit():
             raise InvalidArgument(f"{name!r} is not a snapshot name (VOLUME@N)")
         vol = self._volume(vname)
-        snap = vol.snapshots.get(int(seq))
+        snap = vol.snapshots.get(int(seq)) or vol.invalid.get(int(seq))
         if snap is None:
             raise NotFound(f"no snapshot {name}")
         return vol, snap
@@ -579,6 +605,8 @@ class Engine:
             return data
 
     def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
+        if vol.invalid.get(snap.seq) is snap:
+            raise DamagedData(f"snapshot {snap.name} is invalid")
         if vol.snapshots.get(snap.seq) is not snap:
             raise NotFound(f"snapshot {snap.name} was deleted")
         if snap.state == "invalid":
@@ -720,10 +748,12 @@ class Engine:
             victims = snaps
         else:  # delete-oldest: the oldest not in use, or the oldest if all are
             victims = [next((s for s in snaps if not s.pins), snaps[0])]
+        invalidate = policy == "invalidate"
         for snap in victims:
-            log.warning("volume %s: diff area full: deleting %s (%s)", vol.name, snap.name, policy)
+            what = "invalidating" if invalidate else "deleting"
+            log.warning("volume %s: diff area full: %s %s (%s)", vol.name, what, snap.name, policy)
             with contextlib.suppress(NotFound):  # deleted meanwhile: room was made anyway
-                self.delete_snapshot(snap.name, force=True)
+                self.delete_snapshot(snap.name, force=True, invalidate=invalidate)
         vol.warned = False
 
     def _start_preserve(self, vol: CowVolume, chunk: int) -> Pending:

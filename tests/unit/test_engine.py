@@ -409,13 +409,37 @@ def test_a_full_diff_area_never_fails_the_write(engine: Engine, policy: str) -> 
     image = os.urandom(8 * CHUNK)
     write(engine, "v", 0, image)  # needs 8 more: past the limit
     engine.flush()
-    names = [s.name for s in engine.snapshots()]
-    assert names == (["v@2", "v@3"] if policy == "delete-oldest" else [])
+    listed = {s.name: s.state for s in engine.snapshots()}
     if policy == "delete-oldest":
+        assert listed == {"v@2": "ok", "v@3": "ok"}
         assert read(engine, "v@2") == kept
+    else:  # every snapshot stays listed, invalid: no export, reads fail, space freed
+        assert listed == {"v@1": "invalid", "v@2": "invalid", "v@3": "invalid"}
+        assert [n for n, _ in engine.export_names()] == ["v"]
+        with pytest.raises(DamagedData, match="invalid"):
+            read(engine, "v@2")
     assert read(engine, "v", 0, 8 * CHUNK) == image
     assert engine.volumes()[0].diff_bytes <= 20 * CHUNK
     assert check_consistency(engine) == []
+
+
+def test_invalid_snapshots_stay_listed_across_restarts_until_deleted(tmp_path: Path) -> None:
+    engine = Engine.open(tmp_path / "s")
+    engine.create_volume("v", size=4 << 20, max_diff=8 * CHUNK, full_policy="invalidate")
+    write(engine, "v", 0, os.urandom(4 << 20))
+    engine.create_snapshot_set(["v"])
+    write(engine, "v", 0, os.urandom(12 * CHUNK))  # past the limit: v@1 invalidated
+    engine.create_snapshot_set(["v"])
+    engine.close()
+    engine = Engine.open(tmp_path / "s")
+    try:
+        assert {s.name: s.state for s in engine.snapshots()} == {"v@1": "invalid", "v@2": "ok"}
+        assert engine.volumes()[0].diff_bytes == 0
+        engine.delete_snapshot("v@1")
+        assert [s.name for s in engine.snapshots()] == ["v@2"]
+        assert check_consistency(engine) == []
+    finally:
+        engine.close()
 
 
 def test_fail_writes_answers_enospc_and_keeps_the_snapshots(engine: Engine) -> None:
