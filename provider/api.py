@@ -48,6 +48,7 @@ class VolumeInfo:
     diff_area: str
     max_diff: int | None
     full_policy: str
+    max_snapshots: int
     sparse: bool
     snapshots: int
     diff_bytes: int  # allocated bytes of preserved data
@@ -163,6 +164,16 @@ class EngineAPI(ExportRegistry, Protocol):
     ) -> VolumeInfo: ...
 
     def remove_volume(self, name: str) -> None: ...
+
+    def set_volume(
+        self,
+        name: str,
+        *,
+        max_diff: int | str | None = None,
+        no_max_diff: bool = False,
+        full_policy: str | None = None,
+        max_snapshots: int | None = None,
+    ) -> VolumeInfo: ...
 
     def volumes(self) -> list[VolumeInfo]: ...
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import FormatError
 
-FORMAT_VERSION = 2  # 2: per-4 KiB-block checksums (volumes.legacy_checksums)
+FORMAT_VERSION = 3  # 2: per-4 KiB-block checksums; 3: volumes.max_snapshots
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -46,7 +46,8 @@ CREATE TABLE volumes (
     epoch       INTEGER NOT NULL DEFAULT 0,   -- the current epoch
     next_seq    INTEGER NOT NULL DEFAULT 1,   -- N of the next VOLUME@N, never reused
     created     TEXT NOT NULL,
-    legacy_checksums INTEGER NOT NULL DEFAULT 0  -- 1: hashes still in format 1's form
+    legacy_checksums INTEGER NOT NULL DEFAULT 0,  -- 1: hashes still in format 1's form
+    max_snapshots INTEGER NOT NULL DEFAULT 512    -- live snapshots at most
 );
 CREATE TABLE snapsets (
     id      TEXT PRIMARY KEY,
@@ -126,6 +127,7 @@ class Catalog:
     def _migrate(self, version: int) -> None:
         """Bring an older catalog to FORMAT_VERSION, in one transaction.
 
+        2 -> 3: volumes.max_snapshots (default 512, as before).
         1 -> 2: checksums became per 4 KiB block. The catalog cannot recompute them (the
         data is in the diff areas): it marks every volume `legacy_checksums`, and the
         engine rehashes a marked volume's chunks when it opens it."""
@@ -139,6 +141,10 @@ class Catalog:
                     "ALTER TABLE volumes ADD COLUMN legacy_checksums INTEGER NOT NULL DEFAULT 0"
                 )
                 t.execute("UPDATE volumes SET legacy_checksums=1")
+            if version < 3:
+                t.execute(
+                    "ALTER TABLE volumes ADD COLUMN max_snapshots INTEGER NOT NULL DEFAULT 512"
+                )
             t.execute("UPDATE meta SET value=? WHERE key='format_version'", (str(FORMAT_VERSION),))
 
     @contextmanager

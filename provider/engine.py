@@ -71,13 +71,21 @@ from .exports import OriginDevice, SnapshotDevice
 from .fileio import flock_exclusive, pread_full
 from .origin import Origin
 from .preserver import Gate, Preserver
-from .volumes import DEFAULT_CHUNK_SIZE, Provisioned, VolumeSpec, discard_origin, provision
+from .volumes import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_SNAPSHOTS,
+    Provisioned,
+    VolumeSpec,
+    check_limits,
+    discard_origin,
+    provision,
+    resolve_max_diff,
+)
 from .writeback import Writeback
 
 log = logging.getLogger("shadowblk.engine")
 
 OVERLAY_CAP = 4 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
-MAX_SNAPSHOTS = 512
 APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_apply
 ZERO_BATCH = 32 << 20  # a TRIM or WRITE_ZEROES is preserved and applied this much at a time
 
@@ -225,12 +233,17 @@ class Engine:
         backing: str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         diff_area: str | None = None,
-        max_diff: int | None = None,
+        max_diff: int | str | None = None,
         full_policy: str = "delete-oldest",
         sparse: bool = False,
+        max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
     ) -> VolumeInfo:
-        """A new volume: a new file of `size` under the state directory, or `backing` adopted."""
-        spec = VolumeSpec(name, size, backing, chunk_size, diff_area, max_diff, full_policy, sparse)
+        """A new volume: a new file of `size` under the state directory, or `backing` adopted.
+        `max_diff`: bytes, or "N%" of the volume's size."""
+        spec = VolumeSpec(
+            name, size, backing, chunk_size, diff_area, max_diff, full_policy, sparse,
+            max_snapshots,
+        )  # fmt: skip
         spec.validate()
         with self._admin:
             if name in self._volumes or name in self.unavailable:
@@ -251,8 +264,8 @@ class Engine:
         with self.catalog.transaction() as t:
             t.execute(
                 "INSERT INTO volumes (name, uuid, size, chunk_size, origin, origin_kind, owned, "
-                "diff_area, max_diff, full_policy, sparse, created) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "diff_area, max_diff, full_policy, sparse, created, max_snapshots) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     spec.name,
                     vid,
@@ -262,15 +275,50 @@ class Engine:
                     made.origin.kind,
                     int(made.owned),
                     str(made.diff.path),
-                    spec.max_diff,
+                    None if spec.max_diff is None
+                    else resolve_max_diff(spec.max_diff, made.origin.size),
                     spec.full_policy,
                     int(spec.sparse),
                     utc_now(),
+                    spec.max_snapshots,
                 ),
             )
         row = self.catalog.query("SELECT * FROM volumes WHERE name=?", (spec.name,))[0]
         made.origin.on_dirty = self._writeback.poke
         return CowVolume(row, made.origin, made.diff)
+
+    def set_volume(
+        self,
+        name: str,
+        *,
+        max_diff: int | str | None = None,
+        no_max_diff: bool = False,
+        full_policy: str | None = None,
+        max_snapshots: int | None = None,
+    ) -> VolumeInfo:
+        """Change a volume's diff limit (bytes or "N%"; `no_max_diff`: none), full policy
+        or snapshot limit. A lower limit applies from the next preserve on."""
+        check_limits(max_diff, full_policy, max_snapshots)
+        with self._admin:
+            vol = self._volume(name)
+            changes: dict[str, Any] = {}
+            if no_max_diff:
+                changes["max_diff"] = None
+            elif max_diff is not None:
+                changes["max_diff"] = resolve_max_diff(max_diff, vol.size)
+            if full_policy is not None:
+                changes["full_policy"] = full_policy
+            if max_snapshots is not None:
+                changes["max_snapshots"] = max_snapshots
+            if changes:
+                with self.catalog.transaction() as t:
+                    for column, value in changes.items():  # column names from the code above
+                        t.execute(f"UPDATE volumes SET {column}=? WHERE id=?", (value, vol.id))
+                with self._lock:
+                    vol.row.update(changes)
+                    vol.warned = False
+                log.info("volume %s: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
+            return self._volume_info(vol)
 
     def remove_volume(self, name: str) -> None:
         """Remove a volume with no snapshots and no open exports; delete what shadowblk made."""
@@ -327,6 +375,7 @@ class Engine:
             diff_area=r["diff_area"],
             max_diff=r["max_diff"],
             full_policy=r["full_policy"],
+            max_snapshots=r["max_snapshots"],
             sparse=bool(r["sparse"]),
             snapshots=len(vol.snapshots),
             diff_bytes=vol.diff.used_bytes(),
@@ -344,8 +393,12 @@ class Engine:
         with self._admin:
             vols = [self._volume(n) for n in volumes]
             for v in vols:
-                if len(v.snapshots) >= MAX_SNAPSHOTS:
-                    raise MaxSnapshots(f"volume {v.name} has {MAX_SNAPSHOTS} snapshots already")
+                limit = v.row["max_snapshots"]
+                if len(v.snapshots) >= limit:
+                    raise MaxSnapshots(
+                        f"volume {v.name} has {limit} snapshots, its limit: delete some, or "
+                        f"raise it with: shadowblk volume set {v.name} --max-snapshots N"
+                    )
             with self._cond:
                 for v in vols:
                     v.held += 1

@@ -23,6 +23,8 @@ from .origin import Origin
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FULL_POLICIES = ("delete-oldest", "invalidate", "fail-writes")
 DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_MAX_SNAPSHOTS = 512  # per volume, as VSS
+MAX_SNAPSHOTS_LIMIT = 65536
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,10 @@ class VolumeSpec:
     backing: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     diff_area: str | None = None
-    max_diff: int | None = None
+    max_diff: int | str | None = None  # bytes, or "N%" of the volume's size
     full_policy: str = "delete-oldest"
     sparse: bool = False
+    max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
 
     def validate(self) -> None:
         if not NAME_RE.match(self.name):
@@ -51,10 +54,35 @@ class VolumeSpec:
         cs = self.chunk_size
         if cs & (cs - 1) or not 4096 <= cs <= 1 << 20:
             raise InvalidArgument(f"chunk size {cs} must be a power of two, 4K to 1M")
-        if self.max_diff is not None and self.max_diff < 0:
-            raise InvalidArgument("--max-diff must not be negative")
-        if self.full_policy not in FULL_POLICIES:
-            raise InvalidArgument(f"full policy must be one of {', '.join(FULL_POLICIES)}")
+        check_limits(self.max_diff, self.full_policy, self.max_snapshots)
+
+
+def check_limits(
+    max_diff: int | str | None, full_policy: str | None, max_snapshots: int | None
+) -> None:
+    """The settings `volume create` and `volume set` share."""
+    if max_diff is not None:
+        resolve_max_diff(max_diff, 1)
+    if full_policy is not None and full_policy not in FULL_POLICIES:
+        raise InvalidArgument(f"full policy must be one of {', '.join(FULL_POLICIES)}")
+    if max_snapshots is not None and not 1 <= max_snapshots <= MAX_SNAPSHOTS_LIMIT:
+        raise InvalidArgument(f"max snapshots must be 1 to {MAX_SNAPSHOTS_LIMIT}")
+
+
+def resolve_max_diff(value: int | str, size: int) -> int:
+    """--max-diff in bytes: an integer as it is, "N%" of `size` (0 < N <= 100)."""
+    if isinstance(value, str):
+        number = value.removesuffix("%")
+        try:
+            percent = float(number)
+        except ValueError:
+            percent = -1.0
+        if not value.endswith("%") or not 0 < percent <= 100:
+            raise InvalidArgument(f"--max-diff {value!r}: bytes, or a percentage like 10%")
+        return max(1, int(size * percent / 100))
+    if value <= 0:
+        raise InvalidArgument("--max-diff must be positive")
+    return value
 
 
 @dataclass

@@ -77,6 +77,13 @@ async def op_volume_create(ctx: OpContext, args: dict[str, Any]) -> Any:
     return info.to_dict()
 
 
+async def op_volume_set(ctx: OpContext, args: dict[str, Any]) -> Any:
+    kwargs = dict(args)
+    name = kwargs.pop("name")
+    info = await ctx.call(ctx.engine.set_volume, name, **kwargs)
+    return info.to_dict()
+
+
 async def op_volume_list(ctx: OpContext, args: dict[str, Any]) -> Any:
     return [v.to_dict() for v in await ctx.call(ctx.engine.volumes)]
 
@@ -196,6 +203,7 @@ HANDLERS: dict[str, Handler] = {
     "stats": op_stats,
     "volume.create": op_volume_create,
     "volume.list": op_volume_list,
+    "volume.set": op_volume_set,
     "volume.remove": op_volume_remove,
     "snapshot.create": op_snapshot_create,
     "snapshot.list": op_snapshot_list,

@@ -48,6 +48,11 @@ def _is_int(value: Any) -> bool:
 NAME = ArgType("a non-empty string", lambda v: isinstance(v, str) and v != "")
 TEXT = ArgType("a string", lambda v: isinstance(v, str))
 SIZE = ArgType("a positive integer (bytes)", lambda v: _is_int(v) and v > 0)
+COUNT = ArgType("a positive integer", lambda v: _is_int(v) and v > 0)
+DIFF_LIMIT = ArgType(
+    'a positive integer (bytes) or a percentage ("10%")',
+    lambda v: (_is_int(v) and v > 0) or (isinstance(v, str) and v.endswith("%")),
+)
 FLAG = ArgType("true or false", lambda v: isinstance(v, bool))
 ABSPATH = ArgType(
     "an absolute path", lambda v: isinstance(v, str) and os.path.isabs(v) and "\0" not in v
@@ -74,9 +79,17 @@ OPS: dict[str, dict[str, Arg]] = {
         "backing": Arg(ABSPATH),
         "chunk_size": Arg(SIZE),
         "diff_area": Arg(ABSPATH),
-        "max_diff": Arg(SIZE),
+        "max_diff": Arg(DIFF_LIMIT),
         "full_policy": Arg(POLICY),
         "sparse": Arg(FLAG),
+        "max_snapshots": Arg(COUNT),
+    },
+    "volume.set": {
+        "name": Arg(NAME, required=True),
+        "max_diff": Arg(DIFF_LIMIT),
+        "no_max_diff": Arg(FLAG),
+        "full_policy": Arg(POLICY),
+        "max_snapshots": Arg(COUNT),
     },
     "volume.list": {},
     "volume.remove": {"name": Arg(NAME, required=True)},

@@ -189,3 +189,26 @@ def test_a_snapshot_in_use_is_deleted_only_with_force(service: ServiceProcess) -
             assert e.errno is not None
     finally:
         h.shutdown()
+
+
+def test_volume_set_limits_and_the_snapshot_count(service: ServiceProcess) -> None:
+    cli = service.cli
+    made = cli.json("volume", "create", "v", "--size", "1M", "--sparse", "--max-diff", "10%")
+    assert (made["max_diff"], made["max_snapshots"]) == ((1 << 20) // 10, 512)
+    assert cli.json("volume", "set", "v", "--max-diff", "none")["max_diff"] is None
+    changed = cli.json("volume", "set", "v", "--max-diff", "64K", "--full-policy",
+                       "fail-writes", "--max-snapshots", "2")  # fmt: skip
+    assert (changed["max_diff"], changed["full_policy"], changed["max_snapshots"]) == (
+        65536, "fail-writes", 2
+    )
+    assert cli.json("volume", "list")[0]["max_snapshots"] == 2  # kept by the service
+    cli.run("create", "v")
+    cli.run("create", "v")
+    refused = cli.run("create", "v", expect=1)
+    assert "max-snapshots" in refused.stderr and "volume set v" in refused.stderr
+    cli.run("volume", "set", "v", "--max-snapshots", "4096")
+    cli.run("create", "v")
+    bad = cli.run("volume", "set", "v", "--max-diff", "150%", expect=1)
+    assert "invalid-argument" in bad.stderr
+    usage = cli.run("volume", "set", "v", expect=2)
+    assert "nothing to change" in usage.stderr

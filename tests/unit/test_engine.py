@@ -364,6 +364,7 @@ def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> No
             digest = bytes(16)
         db.execute("UPDATE chunks SET hash=? WHERE chunk=?", (digest, chunk))
     db.execute("ALTER TABLE volumes DROP COLUMN legacy_checksums")
+    db.execute("ALTER TABLE volumes DROP COLUMN max_snapshots")
     db.execute("UPDATE meta SET value='1' WHERE key='format_version'")
     db.commit()
     db.close()
@@ -376,8 +377,10 @@ def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> No
     finally:
         engine.close()
     db = sqlite3.connect(tmp_path / "s" / "catalog.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone() == ("2",)
-    assert db.execute("SELECT legacy_checksums FROM volumes").fetchall() == [(0,)]
+    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone() == ("3",)
+    assert db.execute("SELECT legacy_checksums, max_snapshots FROM volumes").fetchall() == [
+        (0, 512)
+    ]
     assert {len(h) for (h,) in db.execute("SELECT hash FROM chunks")} == {CHUNK // 4096 * 8}
     db.close()
 

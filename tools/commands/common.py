@@ -59,6 +59,21 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+class DiffLimitType(click.ParamType):
+    """--max-diff: a size, a percentage of the volume ("10%"), or "none" (volume set)."""
+
+    name = "size|N%"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = str(value).strip()
+        if text == "none" or text.endswith("%"):
+            return text
+        return SIZE.convert(text, param, ctx)
+
+
+DIFF_LIMIT = DiffLimitType()
+
+
 def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
         fn

@@ -8,12 +8,12 @@ from typing import Any
 import click
 
 from ..protocol import FULL_POLICIES
-from .common import SIZE, call, json_option, print_json, print_table, size_or_dash
+from .common import DIFF_LIMIT, SIZE, call, json_option, print_json, print_table, size_or_dash
 
 
 @click.group()
 def volume() -> None:
-    """Create, list and remove volumes."""
+    """Create, change, list and remove volumes."""
 
 
 @volume.command("create")
@@ -26,11 +26,14 @@ def volume() -> None:
               help="Copy-on-write chunk: a power of two, 4K to 1M.")
 @click.option("--diff-area", type=click.Path(file_okay=False),
               help="Directory for preserved data (default: in the state directory).")
-@click.option("--max-diff", type=SIZE,
-              help="Limit on preserved data (default: the diff area's free space down to 5%).")
+@click.option("--max-diff", type=DIFF_LIMIT,
+              help="Limit on preserved data: a size, or a percentage of the volume (10%) "
+              "(default: the diff area's free space down to 5%).")
 @click.option("--full-policy", type=click.Choice(FULL_POLICIES), default=FULL_POLICIES[0],
               show_default=True, help="What happens when the diff area is full.")
 @click.option("--sparse", is_flag=True, help="Do not allocate a new origin file up front.")
+@click.option("--max-snapshots", type=click.IntRange(1, 65536), default=None,
+              help="Snapshots the volume may have at most (default 512, as VSS).")
 @json_option
 @click.pass_context
 def create(ctx: click.Context, name: str, as_json: bool, **options: Any) -> None:
@@ -44,6 +47,32 @@ def create(ctx: click.Context, name: str, as_json: bool, **options: Any) -> None
         del options["sparse"]
     args = {key: value for key, value in options.items() if value is not None}
     info = call(ctx, "volume.create", name=name, **args)
+    if as_json:
+        print_json(info)
+        return
+    print_volumes([info])
+
+
+@volume.command("set")
+@click.argument("name")
+@click.option("--max-diff", type=DIFF_LIMIT,
+              help="New limit on preserved data: a size, a percentage of the volume (10%), "
+              "or none (the diff area's free space down to 5%).")
+@click.option("--full-policy", type=click.Choice(FULL_POLICIES),
+              help="What happens when the diff area is full.")
+@click.option("--max-snapshots", type=click.IntRange(1, 65536),
+              help="Snapshots the volume may have at most.")
+@json_option
+@click.pass_context
+def set_volume(ctx: click.Context, name: str, as_json: bool, **options: Any) -> None:
+    """Change volume NAME's diff limit, full policy or snapshot limit."""
+    args = {key: value for key, value in options.items() if value is not None}
+    if args.get("max_diff") == "none":
+        del args["max_diff"]
+        args["no_max_diff"] = True
+    if not args:
+        raise click.UsageError("nothing to change: --max-diff, --full-policy, --max-snapshots")
+    info = call(ctx, "volume.set", name=name, **args)
     if as_json:
         print_json(info)
         return
@@ -78,7 +107,8 @@ def print_volumes(volumes: list[dict[str, Any]]) -> None:
     columns = ("name", "size", "chunk", "snapshots", "diff used", "max diff", "full policy",
                "origin")
     rows = [
-        [v["name"], size_or_dash(v["size"]), size_or_dash(v["chunk_size"]), v["snapshots"],
+        [v["name"], size_or_dash(v["size"]), size_or_dash(v["chunk_size"]),
+         f"{v['snapshots']} of {v.get('max_snapshots', '-')}",
          size_or_dash(v["diff_bytes"]), size_or_dash(v["max_diff"]), v["full_policy"],
          v["origin"]]
         for v in volumes
