@@ -180,7 +180,12 @@ class EngineAPI(ExportRegistry, Protocol):
     unavailable: dict[str, str]  # volumes that could not be opened: name -> why
 
     def create_snapshot_set(
-        self, volumes: list[str], *, label: str | None = None, hold_timeout: float = 10.0
+        self,
+        volumes: list[str],
+        *,
+        label: str | None = None,
+        hold_timeout: float = 10.0,
+        auto_release: bool = False,
     ) -> list[SnapshotInfo]: ...
 
     def delete_snapshot(self, name: str, *, force: bool = False) -> None:

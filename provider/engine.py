@@ -35,6 +35,7 @@ A crash after the commit leaves free slots unpunched: `open` punches every free 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -132,7 +133,21 @@ class Engine:
             raise
         engine._preserver.start()
         engine._writeback.start()
+        try:
+            engine._release_auto()
+        except BaseException:
+            engine.close()
+            raise
         return engine
+
+    def _release_auto(self) -> None:
+        """Delete the auto-release snapshots a previous run left (their requesters are
+        gone with it), before anyone can use them."""
+        for vol in list(self._volumes.values()):
+            for snap in list(vol.snapshots.values()) + list(vol.invalid.values()):
+                if snap.attrs.get("auto_release"):
+                    log.info("deleting auto-release snapshot %s (its requester is gone)", snap.name)
+                    self.delete_snapshot(snap.name, force=True)
 
     def close(self) -> None:
         """Drain every preserve, make the origins durable, release everything."""
@@ -385,9 +400,16 @@ class Engine:
     # --- snapshots -----------------------------------------------------------------------
 
     def create_snapshot_set(
-        self, volumes: list[str], *, label: str | None = None, hold_timeout: float = 10.0
+        self,
+        volumes: list[str],
+        *,
+        label: str | None = None,
+        hold_timeout: float = 10.0,
+        auto_release: bool = False,
     ) -> list[SnapshotInfo]:
-        """One snapshot of each volume, all at the same instant, committed atomically (I3)."""
+        """One snapshot of each volume, all at the same instant, committed atomically (I3).
+        `auto_release`: the set dies with its requester (the service deletes it when the
+        requesting connection closes) and at the next start of the engine in any case."""
         if not volumes or len(set(volumes)) != len(volumes):
             raise InvalidArgument("a snapshot set needs one or more distinct volumes")
         with self._admin:
@@ -403,7 +425,9 @@ class Engine:
                 for v in vols:
                     v.held += 1
             try:
-                snaps = self._commit_set(vols, label, time.monotonic() + hold_timeout)
+                attrs = {"auto_release": True} if auto_release else {}
+                deadline = time.monotonic() + hold_timeout
+                snaps = self._commit_set(vols, label, deadline, attrs)
             finally:
                 with self._cond:
                     for v in vols:
@@ -413,7 +437,7 @@ class Engine:
             return [_snapshot_info(s, 0) for s in snaps]
 
     def _commit_set(
-        self, vols: list[CowVolume], label: str | None, deadline: float
+        self, vols: list[CowVolume], label: str | None, deadline: float, attrs: dict[str, Any]
     ) -> list[Snapshot]:
         self._drain(vols, deadline)
         for v in vols:
@@ -423,8 +447,9 @@ class Engine:
         set_id, created = str(uuid.uuid4()), utc_now()
         snaps = [
             Snapshot(
-                str(uuid.uuid4()), v.name, v.next_seq, v.epoch + 1, set_id, created, "ok", label
-            )
+                str(uuid.uuid4()), v.name, v.next_seq, v.epoch + 1, set_id, created, "ok", label,
+                dict(attrs),
+            )  # fmt: skip
             for v in vols
         ]
         with self.catalog.transaction() as t:
@@ -434,8 +459,9 @@ class Engine:
             for v, s in zip(vols, snaps, strict=True):
                 t.execute(
                     "INSERT INTO snapshots (id, volume_id, seq, epoch, set_id, created, state, "
-                    "label) VALUES (?,?,?,?,?,?,?,?)",
-                    (s.id, v.id, s.seq, s.epoch, set_id, created, s.state, label),
+                    "label, attrs) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (s.id, v.id, s.seq, s.epoch, set_id, created, s.state, label,
+                     json.dumps(attrs)),  # fmt: skip
                 )
                 t.execute(
                     "UPDATE volumes SET epoch=?, next_seq=? WHERE id=?", (s.epoch, s.seq + 1, v.id)
@@ -888,8 +914,6 @@ def _check_range(vol: CowVolume, offset: int, length: int) -> None:
 
 
 def _snapshot_from_row(row: Any, volume: str) -> Snapshot:
-    import json
-
     return Snapshot(
         row["id"],
         volume,

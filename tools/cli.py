@@ -14,7 +14,18 @@ import click
 
 from shadowblk.provider.errors import ShadowblkError
 
-from .commands import bench, create, delete, list_cmd, mount, serve, status, verify, volume
+from .commands import (
+    bench,
+    create,
+    delete,
+    list_cmd,
+    mount,
+    run,
+    serve,
+    status,
+    verify,
+    volume,
+)
 from .commands.common import CliContext
 
 DEFAULT_STATE_DIR = "/var/lib/shadowblk"
@@ -39,7 +50,7 @@ def cli(ctx: click.Context, state_dir: Path) -> None:
 
 for command in (
     serve.serve, status.status, volume.volume, create.create, list_cmd.list_snapshots,
-    delete.delete, mount.mount, mount.umount, verify.verify, bench.bench,
+    delete.delete, run.run, mount.mount, mount.umount, verify.verify, bench.bench,
 ):
     cli.add_command(command)
 

@@ -31,7 +31,7 @@ from shadowblk.provider.unixsock import identity as socket_identity
 from shadowblk.provider.unixsock import remove_if_same, remove_stale_socket
 
 from . import protocol
-from .ops import HANDLERS, OpContext, current_events
+from .ops import HANDLERS, OpContext, current_events, current_releases, release_snapshots
 
 log = logging.getLogger("shadowblk.control")
 
@@ -84,6 +84,7 @@ class Connection:
         self._ctx = ctx
         self._send, self._outgoing = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE)
         self._scope = trio.CancelScope()
+        self.auto_release: list[str] = []  # snapshots that die with this connection
 
     def push_event_nowait(self, name: str, data: dict[str, Any]) -> None:
         """Queue an event for this client; disconnect it if it does not keep up."""
@@ -109,6 +110,13 @@ class Connection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
+                await self._release()
+
+    async def _release(self) -> None:
+        """Delete this connection's auto-release snapshots."""
+        if self.auto_release:
+            why = f"control connection {self.number} closed"
+            await release_snapshots(self._ctx, self.auto_release, why)
 
     async def _read_loop(self) -> None:
         reader = LineReader(self._stream)
@@ -143,6 +151,7 @@ class Connection:
             rid = protocol.request_id(message)
             request = protocol.validate_request(message)
             current_events.set(self.push_event_nowait)
+            current_releases.set(self.auto_release)
             result = await HANDLERS[request.op](self._ctx, request.args)
         except ShadowblkError as exc:
             return protocol.reply_error(rid, exc.code, exc.message)

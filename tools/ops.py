@@ -9,6 +9,7 @@ error replies.
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,11 +29,17 @@ from shadowblk.provider.errors import (
 
 from . import protocol
 
+log = logging.getLogger("shadowblk.control")
+
 StatsSource = Callable[[], dict[str, Any]]
 EventSink = Callable[[str, dict[str, Any]], None]
 # the requesting connection's event sink, set by control.Connection around each handler
 current_events: contextvars.ContextVar[EventSink | None] = contextvars.ContextVar(
     "current_events", default=None
+)
+# the requesting connection's auto-release snapshots, deleted when it closes (control.py)
+current_releases: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "current_releases", default=None
 )
 PROGRESS_EVERY = 0.25  # seconds between two progress events
 
@@ -94,9 +101,18 @@ async def op_volume_remove(ctx: OpContext, args: dict[str, Any]) -> Any:
 
 
 async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
+    auto_release = bool(args.get("auto_release"))
+    releases = current_releases.get()
+    if auto_release and releases is None:
+        raise InvalidArgument("auto_release needs a control connection to tie the set to")
     snaps: list[SnapshotInfo] = await ctx.call(
-        ctx.engine.create_snapshot_set, args["volumes"], label=args.get("label")
+        ctx.engine.create_snapshot_set,
+        args["volumes"],
+        label=args.get("label"),
+        auto_release=auto_release,
     )
+    if auto_release and releases is not None:
+        releases += [s.name for s in snaps]
     return {"set": snaps[0].set if snaps else None, "snapshots": [s.to_dict() for s in snaps]}
 
 
@@ -108,6 +124,28 @@ async def op_snapshot_list(ctx: OpContext, args: dict[str, Any]) -> Any:
 
         mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
     return [{**s.to_dict(), "mounted": mounted.get(s.name, [])} for s in snaps]
+
+
+async def release_snapshots(ctx: OpContext, names: list[str], why: str) -> None:
+    """Delete auto-release snapshots whose requester is gone. A mounted one is left (and
+    logged): it goes at the next start, once nothing is mounted over it."""
+    mounted: dict[str, list[str]] = {}
+    if ctx.fuse is not None:
+        from shadowblk.mount.host import where_mounted
+
+        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+    for name in names:
+        if mounted.get(name):
+            log.error("%s: %s is mounted on %s: kept until the next start", why, name,
+                      ", ".join(mounted[name]))  # fmt: skip
+            continue
+        try:
+            await ctx.call(ctx.engine.delete_snapshot, name, force=True)
+            log.info("%s: released %s", why, name)
+        except NotFound:
+            pass
+        except ShadowblkError as exc:
+            log.error("%s: releasing %s: %s", why, name, exc)
 
 
 def _fuse(ctx: OpContext) -> Any:

@@ -93,7 +93,11 @@ OPS: dict[str, dict[str, Arg]] = {
     },
     "volume.list": {},
     "volume.remove": {"name": Arg(NAME, required=True)},
-    "snapshot.create": {"volumes": Arg(NAMES, required=True), "label": Arg(TEXT)},
+    "snapshot.create": {
+        "volumes": Arg(NAMES, required=True),
+        "label": Arg(TEXT),
+        "auto_release": Arg(FLAG),
+    },
     "snapshot.list": {"volume": Arg(NAME)},
     "mount.prepare": {"snapshot": Arg(NAME, required=True), "recover": Arg(FLAG)},
     "mount.release": {"file": Arg(ABSPATH, required=True)},
