@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import FormatError
 
-FORMAT_VERSION = 3  # 2: per-4 KiB-block checksums; 3: volumes.max_snapshots
+FORMAT_VERSION = 4  # 2: per-4 KiB-block checksums; 3: max_snapshots; 4: revert_epoch
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -47,7 +47,8 @@ CREATE TABLE volumes (
     next_seq    INTEGER NOT NULL DEFAULT 1,   -- N of the next VOLUME@N, never reused
     created     TEXT NOT NULL,
     legacy_checksums INTEGER NOT NULL DEFAULT 0,  -- 1: hashes still in format 1's form
-    max_snapshots INTEGER NOT NULL DEFAULT 512    -- live snapshots at most
+    max_snapshots INTEGER NOT NULL DEFAULT 512,   -- live snapshots at most
+    revert_epoch INTEGER                          -- a revert to this epoch is under way
 );
 CREATE TABLE snapsets (
     id      TEXT PRIMARY KEY,
@@ -127,6 +128,7 @@ class Catalog:
     def _migrate(self, version: int) -> None:
         """Bring an older catalog to FORMAT_VERSION, in one transaction.
 
+        3 -> 4: volumes.revert_epoch (NULL: no revert under way).
         2 -> 3: volumes.max_snapshots (default 512, as before).
         1 -> 2: checksums became per 4 KiB block. The catalog cannot recompute them (the
         data is in the diff areas): it marks every volume `legacy_checksums`, and the
@@ -141,6 +143,8 @@ class Catalog:
                     "ALTER TABLE volumes ADD COLUMN legacy_checksums INTEGER NOT NULL DEFAULT 0"
                 )
                 t.execute("UPDATE volumes SET legacy_checksums=1")
+            if version < 4:
+                t.execute("ALTER TABLE volumes ADD COLUMN revert_epoch INTEGER")
             if version < 3:
                 t.execute(
                     "ALTER TABLE volumes ADD COLUMN max_snapshots INTEGER NOT NULL DEFAULT 512"

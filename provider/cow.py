@@ -134,6 +134,8 @@ class CowVolume:
         self.live_epochs: list[int] = []
         # invalidated snapshots (the invalidate policy): listed, never read, holding no data
         self.invalid: dict[int, Snapshot] = {}
+        self.origin_opens = 0  # open devices of the origin (NBD clients, FUSE opens)
+        self.reverting = False  # a revert owns the origin: no device may open it
         self.index: dict[int, list[Entry]] = {}
         self.changed = BitMap64()  # the chunks of `index`, ordered (range scans)
         self.done = BitMap64()

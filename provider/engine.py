@@ -50,7 +50,7 @@ from typing import Any
 
 from pyroaring import BitMap64
 
-from . import extents
+from . import extents, faults
 from .api import SnapshotInfo, VolumeInfo
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, zeroes
@@ -62,6 +62,7 @@ from .errors import (
     HoldTimeout,
     InsufficientStorage,
     InvalidArgument,
+    InvalidState,
     MaxSnapshots,
     NotFound,
     NotSupported,
@@ -197,6 +198,9 @@ class Engine:
             self._rehash(vol)
         diff.set_used(vol.used_slots())
         self._recover(vol)
+        if row["revert_epoch"] is not None:
+            log.warning("volume %s: finishing the revert a crash interrupted", vol.name)
+            self._run_revert(vol, row["revert_epoch"])
         return vol
 
     def _rehash(self, vol: CowVolume) -> None:
@@ -290,7 +294,8 @@ class Engine:
                     made.origin.kind,
                     int(made.owned),
                     str(made.diff.path),
-                    None if spec.max_diff is None
+                    None
+                    if spec.max_diff is None
                     else resolve_max_diff(spec.max_diff, made.origin.size),
                     spec.full_policy,
                     int(spec.sparse),
@@ -334,6 +339,83 @@ class Engine:
                     vol.warned = False
                 log.info("volume %s: %s", name, ", ".join(f"{k}={v}" for k, v in changes.items()))
             return self._volume_info(vol)
+
+    def revert(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Roll the origin of snapshot `name`'s volume back to it, copying back only the
+        chunks changed since; then delete it and every newer snapshot (their differences
+        are gone from the origin); older ones stay intact. Refused (Busy) while the origin
+        is open anywhere, and while N or a newer snapshot is open unless `force`.
+        Resumable (I4): the target is committed first; a crash midway is finished at the
+        next open, before any client. Returns {"volume", "snapshot", "chunks", "deleted"}."""
+        with self._admin:
+            vol, snap = self._find_snapshot(name)
+            if vol.invalid.get(snap.seq) is snap or snap.state != "ok":
+                raise InvalidState(f"snapshot {name} is {snap.state}: it cannot be reverted to")
+            with self._lock:
+                if vol.origin_opens:
+                    raise Busy(
+                        f"volume {vol.name} is open ({vol.origin_opens} client(s) or files): "
+                        "disconnect or unmount it first"
+                    )
+                newer = [s for s in vol.snapshots.values() if s.epoch >= snap.epoch]
+                pinned = [s.name for s in newer if s.pins]
+                if pinned and not force:
+                    raise Busy(f"snapshot(s) {', '.join(pinned)} in use: they would be deleted")
+                vol.reverting = True
+            try:
+                self._drain([vol], None)
+                with self.catalog.transaction() as t:
+                    t.execute("UPDATE volumes SET revert_epoch=? WHERE id=?", (snap.epoch, vol.id))
+                vol.row["revert_epoch"] = snap.epoch
+                return self._run_revert(vol, snap.epoch)
+            finally:
+                with self._lock:
+                    vol.reverting = False
+
+    def _run_revert(self, vol: CowVolume, epoch: int) -> dict[str, Any]:
+        """Copy back, sync, then in one transaction drop the entries and snapshots of epoch
+        >= `epoch` and clear the target; then reclaim. Idempotent until that commit."""
+        with self._lock:
+            work = [(c, e) for c, e in vol.entries_read_by(epoch)]
+            deleted = [s for s in vol.snapshots.values() if s.epoch >= epoch]
+            target = next((s.name for s in deleted if s.epoch == epoch), f"epoch {epoch}")
+        reads = Gather(vol.diff)
+        for chunk, entry in work:  # the snapshot's bytes of every chunk changed since
+            faults.hit("revert.copy")
+            length = vol.chunk_len(chunk)
+            if entry[1] == ZERO:
+                vol.origin.zero(chunk * vol.chunk_size, length, punch=bool(vol.row["sparse"]))
+                continue
+            assert entry[2] is not None
+            data = bytearray(length)
+            reads.add(entry[1], length, entry[2], 0, length, memoryview(data), chunk)
+            reads.finish()  # DamagedData: the revert stops here, resumable once repaired
+            vol.origin.pwrite(chunk * vol.chunk_size, data)
+        vol.origin.sync()
+        with self._lock:
+            freed = [(c, e) for c, entries in vol.index.items() for e in entries if e[0] >= epoch]
+            for snap in deleted:
+                vol.drop_snapshot(snap)
+            for chunk, entry in freed:
+                vol.remove_entry(chunk, entry)
+            vol.done = BitMap64()
+        with self.catalog.transaction() as t:
+            t.executemany(
+                "DELETE FROM chunks WHERE volume_id=? AND chunk=? AND epoch=?",
+                [(vol.id, c, e[0]) for c, e in freed],
+            )
+            t.executemany("DELETE FROM snapshots WHERE id=?", [(s.id,) for s in deleted])
+            t.execute("DELETE FROM snapsets WHERE id NOT IN (SELECT set_id FROM snapshots)")
+            t.execute("UPDATE volumes SET revert_epoch=NULL WHERE id=?", (vol.id,))
+        vol.row["revert_epoch"] = None
+        slots = [e[1] for _c, e in freed if e[1] != ZERO]
+        vol.diff.punch(slots)
+        with self._lock:
+            vol.diff.release(slots)
+        log.info("volume %s reverted to %s: %d chunks copied back, %s deleted", vol.name,
+                 target, len(work), ", ".join(s.name for s in deleted) or "nothing")  # fmt: skip
+        return {"volume": vol.name, "snapshot": target, "chunks": len(work),
+                "deleted": [s.name for s in deleted]}  # fmt: skip
 
     def remove_volume(self, name: str) -> None:
         """Remove a volume with no snapshots and no open exports; delete what shadowblk made."""
@@ -447,7 +529,14 @@ class Engine:
         set_id, created = str(uuid.uuid4()), utc_now()
         snaps = [
             Snapshot(
-                str(uuid.uuid4()), v.name, v.next_seq, v.epoch + 1, set_id, created, "ok", label,
+                str(uuid.uuid4()),
+                v.name,
+                v.next_seq,
+                v.epoch + 1,
+                set_id,
+                created,
+                "ok",
+                label,
                 dict(attrs),
             )  # fmt: skip
             for v in vols
@@ -460,8 +549,17 @@ class Engine:
                 t.execute(
                     "INSERT INTO snapshots (id, volume_id, seq, epoch, set_id, created, state, "
                     "label, attrs) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (s.id, v.id, s.seq, s.epoch, set_id, created, s.state, label,
-                     json.dumps(attrs)),  # fmt: skip
+                    (
+                        s.id,
+                        v.id,
+                        s.seq,
+                        s.epoch,
+                        set_id,
+                        created,
+                        s.state,
+                        label,
+                        json.dumps(attrs),
+                    ),  # fmt: skip
                 )
                 t.execute(
                     "UPDATE volumes SET epoch=?, next_seq=? WHERE id=?", (s.epoch, s.seq + 1, v.id)
@@ -482,9 +580,7 @@ class Engine:
                     raise HoldTimeout("pending writes did not drain within the hold limit")
                 self._cond.wait(remaining)
 
-    def delete_snapshot(
-        self, name: str, *, force: bool = False, invalidate: bool = False
-    ) -> None:
+    def delete_snapshot(self, name: str, *, force: bool = False, invalidate: bool = False) -> None:
         """Delete one snapshot (any, not only the oldest) and reclaim what only it needed.
         `invalidate`: reclaim the same, but keep it listed as `invalid` (the invalidate
         policy); deleting an invalid snapshot removes it from the list."""
@@ -646,7 +742,10 @@ class Engine:
                 device: OriginDevice | SnapshotDevice = SnapshotDevice(self, vol, snap)
             else:
                 vol = self._volume(name)
+                if vol.reverting:
+                    raise Busy(f"volume {name} is being reverted")
                 device = OriginDevice(self, vol)
+                vol.origin_opens += 1
             self._exports[vol.name] = self._exports.get(vol.name, 0) + 1
             return device
 
@@ -655,6 +754,8 @@ class Engine:
             self._exports[vol.name] -= 1
             if snap is not None:
                 snap.pins -= 1
+            else:
+                vol.origin_opens -= 1
 
     # --- the data path -------------------------------------------------------------------
 

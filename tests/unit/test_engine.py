@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -345,6 +346,81 @@ def test_written_origins_get_their_writeback_started(engine: Engine) -> None:
     assert not origin.dirty
 
 
+def revert_scene(engine: Engine) -> dict[str, bytes]:
+    """v@1..v@3 over a 1 MiB volume with data, zeroes and holes; the contents of each."""
+    engine.create_volume("v", size=16 * CHUNK, sparse=True)
+    write(engine, "v", 0, os.urandom(12 * CHUNK))  # chunks 12-15 stay zero
+    seen = {}
+    for n in (1, 2, 3):
+        engine.create_snapshot_set(["v"])
+        seen[f"v@{n}"] = read(engine, f"v@{n}")
+        write(engine, "v", n * CHUNK + 100, os.urandom(CHUNK))  # chunks n, n+1
+        write(engine, "v", (11 + n) * CHUNK, os.urandom(4096))  # a zero chunk, written
+    engine.flush()
+    return seen
+
+
+def test_revert_copies_back_and_deletes_the_newer_snapshots(engine: Engine) -> None:
+    seen = revert_scene(engine)
+    used = engine.statistics()["volumes"]["v"]["diff_bytes"]
+    result = engine.revert("v@2")
+    assert result["deleted"] == ["v@2", "v@3"] and result["chunks"] == 5  # 2, 3, 4, 13, 14
+    assert read(engine, "v") == seen["v@2"]
+    assert [s.name for s in engine.snapshots()] == ["v@1"]
+    assert read(engine, "v@1") == seen["v@1"]
+    assert engine.statistics()["volumes"]["v"]["diff_bytes"] < used
+    assert check_consistency(engine) == []
+    write(engine, "v", 0, os.urandom(16 * CHUNK))  # and copy-on-write goes on for v@1
+    engine.flush()
+    assert read(engine, "v@1") == seen["v@1"]
+    assert check_consistency(engine) == []
+
+
+def test_revert_is_refused_while_the_origin_is_open(engine: Engine) -> None:
+    revert_scene(engine)
+    dev = engine.open_export("v")
+    try:
+        with pytest.raises(Busy, match="open"):
+            engine.revert("v@1")
+    finally:
+        dev.close()
+    snap = engine.open_export("v@3")
+    try:
+        with pytest.raises(Busy, match="v@3"):
+            engine.revert("v@2")
+        engine.revert("v@2", force=True)
+    finally:
+        snap.close()
+    assert [s.name for s in engine.snapshots()] == ["v@1"]
+
+
+def test_an_interrupted_revert_finishes_at_the_next_open(tmp_path: Path) -> None:
+    engine = Engine.open(tmp_path / "s")
+    seen = revert_scene(engine)
+    origin = engine._volumes["v"].origin  # noqa: SLF001 - make the 3rd copy fail
+    real, calls = origin.pwrite, []
+
+    def failing(offset: int, data: Any) -> None:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "injected")
+        real(offset, data)
+
+    origin.pwrite = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        engine.revert("v@1")
+    origin.pwrite = real  # type: ignore[method-assign]
+    assert {s.name for s in engine.snapshots()} == {"v@1", "v@2", "v@3"}  # not committed
+    engine.close()
+    engine = Engine.open(tmp_path / "s")
+    try:
+        assert read(engine, "v") == seen["v@1"]
+        assert engine.snapshots() == []
+        assert check_consistency(engine) == []
+    finally:
+        engine.close()
+
+
 def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> None:
     engine = Engine.open(tmp_path / "s")
     engine.create_volume("v", size=1 << 20)
@@ -365,6 +441,7 @@ def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> No
         db.execute("UPDATE chunks SET hash=? WHERE chunk=?", (digest, chunk))
     db.execute("ALTER TABLE volumes DROP COLUMN legacy_checksums")
     db.execute("ALTER TABLE volumes DROP COLUMN max_snapshots")
+    db.execute("ALTER TABLE volumes DROP COLUMN revert_epoch")
     db.execute("UPDATE meta SET value='1' WHERE key='format_version'")
     db.commit()
     db.close()
@@ -377,7 +454,7 @@ def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> No
     finally:
         engine.close()
     db = sqlite3.connect(tmp_path / "s" / "catalog.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone() == ("4",)
     assert db.execute("SELECT legacy_checksums, max_snapshots FROM volumes").fetchall() == [
         (0, 512)
     ]
