@@ -92,6 +92,10 @@ class ShadowFS(pyfuse3.Operations):
         log.info("recovery overlay %s dropped", name)
         return True
 
+    def opens_of(self, name: str) -> int:
+        """Open handles of file `name` (a loop device over it counts as one)."""
+        return sum(1 for n, _ in self._handles.values() if n == name)
+
     def close(self) -> None:
         for _, device in self._handles.values():
             if not isinstance(device, RecoveryOverlay):

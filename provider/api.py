@@ -194,6 +194,10 @@ class EngineAPI(ExportRegistry, Protocol):
 
     def snapshots(self, volume: str | None = None) -> list[SnapshotInfo]: ...
 
+    def revert(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Roll a volume back to snapshot `name` (see Engine.revert)."""
+        ...
+
     def statistics(self) -> dict[str, Any]: ...
 
     def verify(

@@ -20,6 +20,7 @@ from .commands import (
     delete,
     list_cmd,
     mount,
+    revert,
     run,
     serve,
     status,
@@ -50,7 +51,7 @@ def cli(ctx: click.Context, state_dir: Path) -> None:
 
 for command in (
     serve.serve, status.status, volume.volume, create.create, list_cmd.list_snapshots,
-    delete.delete, run.run, mount.mount, mount.umount, verify.verify, bench.bench,
+    delete.delete, revert.revert, run.run, mount.mount, mount.umount, verify.verify, bench.bench,
 ):
     cli.add_command(command)
 

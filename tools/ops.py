@@ -52,6 +52,7 @@ class OpContext:
     service_info: StatsSource = dict
     stats_sources: Mapping[str, StatsSource] = field(default_factory=dict)
     fuse: Any = None  # the FUSE front-end (shadowblk.mount.frontend), None under --no-fuse
+    nbd: Any = None  # the NBD server (for revert --force), None in tests of ops alone
 
     async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run one blocking engine call in a worker thread."""
@@ -218,6 +219,37 @@ def _select_for_delete(engine: EngineAPI, args: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(args["names"]))
 
 
+async def op_volume_revert(ctx: OpContext, args: dict[str, Any]) -> Any:
+    """Revert a volume to a snapshot: refused while the origin's FUSE file is open (a
+    mounted filesystem cannot be reverted under its feet) or N or a newer snapshot is
+    mounted; NBD clients writing to the volume refuse it too, unless `force`, which
+    disconnects them first."""
+    name, force = args["snapshot"], bool(args.get("force"))
+    volume, _, seq = name.rpartition("@")
+    if not volume or not seq.isdigit():
+        raise InvalidArgument(f"{name!r} is not a snapshot name (VOLUME@N)")
+    if ctx.fuse is not None:
+        if ctx.fuse.fs.opens_of(volume):
+            raise Busy(f"the FUSE file of volume {volume} is open (a loop device, a mount "
+                       "or a program): unmount or close it first")  # fmt: skip
+        from shadowblk.mount.host import where_mounted
+
+        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+        for other, points in mounted.items():
+            v, _, n = other.rpartition("@")
+            if v == volume and n.isdigit() and int(n) >= int(seq) and points:
+                raise Busy(f"snapshot {other} is mounted on {', '.join(points)}: a revert "
+                           f"to {name} would delete it; unmount it first")  # fmt: skip
+    if ctx.nbd is not None:
+        writers = ctx.nbd.writers_of(volume)
+        if writers and not force:
+            raise Busy(f"{writers} NBD client(s) have volume {volume} open: stop them, or "
+                       "give --force to disconnect them")  # fmt: skip
+        if writers:
+            await ctx.nbd.disconnect_writers(volume)
+    return await ctx.call(ctx.engine.revert, name, force=force)
+
+
 async def op_verify(ctx: OpContext, args: dict[str, Any]) -> Any:
     """Re-check preserved data; with `progress`, `verify.progress` events {"done",
     "total"} go to the requesting connection while it runs."""
@@ -249,6 +281,7 @@ HANDLERS: dict[str, Handler] = {
     "mount.prepare": op_mount_prepare,
     "mount.release": op_mount_release,
     "verify": op_verify,
+    "volume.revert": op_volume_revert,
 }
 
 if set(HANDLERS) != set(protocol.OPS):  # the schema and the handlers are one table's halves

@@ -150,7 +150,7 @@ class Service:
         if self.scrub_interval:
             servers.start_soon(_scrub, engine, self.scrub_interval)
         stats: dict[str, StatsSource] = {"nbd": self.nbd.statistics}
-        self.control = ControlServer(OpContext(engine, self.info, stats, fuse))
+        self.control = ControlServer(OpContext(engine, self.info, stats, fuse, self.nbd))
         stats["control"] = self.control.statistics
         await servers.start(self.control.serve_unix, self.control_path)
 

@@ -79,6 +79,23 @@ class NBDServer:
         self._counters: Counter[str] = Counter(
             connections_open=0, connections_total=0, requests_served=0, request_errors=0
         )
+        self._live: dict[int, tuple[Handshake, trio.CancelScope, trio.Event]] = {}
+
+    def writers_of(self, volume: str) -> int:
+        """Connections that have volume `volume` itself (read-write) open."""
+        return sum(1 for hs, _, _ in self._live.values() if _writes(hs, volume))
+
+    async def disconnect_writers(self, volume: str) -> int:
+        """End the connections that have `volume` open read-write (their requests in
+        worker threads finish first); returns once their exports are released."""
+        ending = [(scope, done) for hs, scope, done in self._live.values() if _writes(hs, volume)]
+        for scope, _ in ending:
+            scope.cancel()
+        for _, done in ending:
+            await done.wait()
+        if ending:
+            log.warning("nbd: disconnected %d client(s) of %s", len(ending), volume)
+        return len(ending)
 
     def statistics(self) -> dict[str, int]:
         """connections_open, connections_total, requests_served, request_errors."""
@@ -139,10 +156,18 @@ class NBDServer:
         self._counters["connections_total"] += 1
         wire = Wire(stream, self._counters["connections_total"])
         handshake = Handshake(wire, self._registry, tls)
+        scope, done = trio.CancelScope(), trio.Event()
+        self._live[wire.ident] = (handshake, scope, done)
         try:
-            await self._converse(wire, handshake)
+            with scope:
+                await self._converse(wire, handshake)
         finally:
-            await self._end(wire, handshake.device)
+            try:
+                with trio.CancelScope(shield=scope.cancel_called):
+                    await self._end(wire, handshake.device)
+            finally:
+                del self._live[wire.ident]
+                done.set()
 
     async def _converse(self, wire: Wire, handshake: Handshake) -> None:
         try:
@@ -173,6 +198,11 @@ class NBDServer:
                 await wire.stream.aclose()
         await trio.aclose_forcefully(wire.stream)
         log.debug("nbd conn %d: closed", wire.ident)
+
+
+def _writes(handshake: Handshake, volume: str) -> bool:
+    device = handshake.device
+    return device is not None and device.name == volume and not device.readonly
 
 
 # Listeners.
