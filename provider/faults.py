@@ -6,7 +6,9 @@ first imported: at the Nth hit (default the first) of POINT, ACTION happens:
 - `eio`, `enospc`: `hit` raises that OSError.
 
 Unarmed, `hit` is one dict look-up. Points so far: `revert.copy` (before each chunk a
-revert copies back). docs/reliability.md (issue 7) will list them all.
+revert copies back); `preserve.write` (before a preserved chunk's data is written),
+`preserve.sync` (before the diff area's fdatasync), `preserve.commit` (before the index
+commit). docs/reliability.md (issue 7) will list them all.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def arm(spec: str) -> None:
         if not sep or action not in ("crash", *_ERRORS) or (nth and not nth.isdigit()):
             raise ValueError(f"SHADOWBLK_FAULTS: cannot read {item!r} (POINT=ACTION[@N])")
         _armed[point] = (action, int(nth or 1))
+
+
+def disarm() -> None:
+    _armed.clear()
 
 
 def hit(point: str) -> None:

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from . import faults
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending
 from .diffarea import chunk_hash
@@ -166,10 +167,13 @@ class Preserver:
         for p in batch:
             if p.slot != ZERO:
                 p.hash = chunk_hash(p.old)
+                faults.hit("preserve.write")
                 p.volume.diff.write(p.slot, p.old)
                 diffs[id(p.volume.diff)] = p.volume.diff
         for diff in diffs.values():
+            faults.hit("preserve.sync")
             diff.sync()
+        faults.hit("preserve.commit")
         with self._catalog.transaction() as t:
             t.executemany(
                 "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",

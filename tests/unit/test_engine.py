@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import xxhash
 
+from shadowblk.provider import faults
 from shadowblk.provider.diffarea import DATA
 from shadowblk.provider.engine import Engine
 from shadowblk.provider.errors import (
@@ -26,6 +27,7 @@ from shadowblk.provider.errors import (
     InsufficientStorage,
     InvalidArgument,
     Locked,
+    MaxSnapshots,
     NotFound,
     NotSupported,
     OutOfRange,
@@ -419,6 +421,42 @@ def test_an_interrupted_revert_finishes_at_the_next_open(tmp_path: Path) -> None
         assert check_consistency(engine) == []
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("point", ["preserve.write", "preserve.sync", "preserve.commit"])
+def test_a_failing_diff_area_invalidates_snapshots_never_the_write(
+    engine: Engine, point: str
+) -> None:
+    engine.create_volume("v", size=1 << 20)
+    write(engine, "v", 0, os.urandom(1 << 20))
+    engine.create_snapshot_set(["v"])
+    faults.arm(f"{point}=eio")
+    try:
+        new = os.urandom(CHUNK)
+        write(engine, "v", 2 * CHUNK, new)  # acknowledged: the preserve fails after
+        engine.flush()
+    finally:
+        faults.disarm()
+    assert read(engine, "v", 2 * CHUNK, CHUNK) == new
+    assert [s.state for s in engine.snapshots()] == ["invalid"]
+    with pytest.raises(DamagedData):
+        read(engine, "v@1", 0, 4096)
+    engine.create_snapshot_set(["v"])  # and the next snapshot works
+    write(engine, "v", 5 * CHUNK, b"n" * 4096)
+    engine.flush()
+    assert read(engine, "v@2", 2 * CHUNK, CHUNK) == new
+    assert check_consistency(engine) == []
+
+
+def test_the_snapshot_limit_and_its_error(engine: Engine) -> None:
+    engine.create_volume("v", size=1 << 20, sparse=True)
+    for _ in range(512):
+        engine.create_snapshot_set(["v"])
+    with pytest.raises(MaxSnapshots, match="512 snapshots"):
+        engine.create_snapshot_set(["v"])
+    engine.set_volume("v", max_snapshots=4096)
+    engine.create_snapshot_set(["v"])
+    assert len(engine.snapshots()) == 513
 
 
 def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> None:
