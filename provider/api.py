@@ -49,6 +49,7 @@ class VolumeInfo:
     max_diff: int | None
     full_policy: str
     max_snapshots: int
+    policy_victims: int  # snapshots its full policy deleted or invalidated since the start
     sparse: bool
     snapshots: int
     diff_bytes: int  # allocated bytes of preserved data

@@ -136,6 +136,7 @@ class CowVolume:
         self.invalid: dict[int, Snapshot] = {}
         self.origin_opens = 0  # open devices of the origin (NBD clients, FUSE opens)
         self.reverting = False  # a revert owns the origin: no device may open it
+        self.policy_victims = 0  # snapshots the full policy deleted or invalidated (this run)
         self.index: dict[int, list[Entry]] = {}
         self.changed = BitMap64()  # the chunks of `index`, ordered (range scans)
         self.done = BitMap64()

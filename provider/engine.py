@@ -473,6 +473,7 @@ class Engine:
             max_diff=r["max_diff"],
             full_policy=r["full_policy"],
             max_snapshots=r["max_snapshots"],
+            policy_victims=vol.policy_victims,
             sparse=bool(r["sparse"]),
             snapshots=len(vol.snapshots),
             diff_bytes=vol.diff.used_bytes(),
@@ -934,6 +935,7 @@ class Engine:
             log.warning("volume %s: diff area full: %s %s (%s)", vol.name, what, snap.name, policy)
             with contextlib.suppress(NotFound):  # deleted meanwhile: room was made anyway
                 self.delete_snapshot(snap.name, force=True, invalidate=invalidate)
+                vol.policy_victims += 1
         vol.warned = False
 
     def _start_preserve(self, vol: CowVolume, chunk: int) -> Pending:

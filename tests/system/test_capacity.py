@@ -65,6 +65,9 @@ def test_an_8_mib_diff_limit_never_fails_a_write(service: Any, policy: str) -> N
         assert export_sha256(service, name) == expected[name], name
     volume = service.cli.json("volume", "list")[0]
     assert volume["diff_bytes"] <= 8 * MiB
+    victims = len(expected) - len(alive)
+    assert volume["policy_victims"] == victims  # and status says so
+    assert "dropped when full" in service.cli.run("status").stdout
     log = service.log()
     assert "diff area full" in log
 

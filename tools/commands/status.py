@@ -27,11 +27,12 @@ def status(ctx: click.Context, timeout: float, as_json: bool) -> None:
                f"since {service['started']}")
     click.echo(f"state directory: {service['state_dir']}")
     for name, where in listeners.items():
-        click.echo(f"{name} socket: {where}")
+        click.echo(f"FUSE files: {where}" if name == "fuse" else f"{name} socket: {where}")
     rows = [
         [v["name"], size_or_dash(v["size"]), v["snapshots"], size_or_dash(v["diff_bytes"]),
-         size_or_dash(v["max_diff"]), v["full_policy"]]
+         size_or_dash(v["max_diff"]), v["full_policy"], v.get("policy_victims", 0)]
         for v in result["volumes"]
     ]
-    columns = ("volume", "size", "snapshots", "diff used", "max diff", "full policy")
+    columns = ("volume", "size", "snapshots", "diff used", "max diff", "full policy",
+               "dropped when full")  # fmt: skip
     print_table(None, columns, rows)
