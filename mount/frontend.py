@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from pathlib import Path
 
 import pyfuse3
@@ -37,7 +38,9 @@ def mark_io_flusher() -> None:
     FUSE file); memory reclaim must not wait on it. Logged, not fatal, when refused."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.warning("PR_SET_IO_FLUSHER refused (errno %d)", ctypes.get_errno())
+        err = ctypes.get_errno()
+        log.warning("PR_SET_IO_FLUSHER refused (%s; it needs CAP_SYS_RESOURCE): memory "
+                    "reclaim may wait on this process's FUSE I/O", os.strerror(err))  # fmt: skip
 
 
 async def _run(argv: list[str]) -> bool:

@@ -70,6 +70,7 @@ def test_an_8_mib_diff_limit_never_fails_a_write(service: Any, policy: str) -> N
     assert "dropped when full" in service.cli.run("status").stdout
     log = service.log()
     assert "diff area full" in log
+    assert "diff area above 90% of its 8388608-byte limit" in log
 
 
 def test_fail_writes_answers_enospc(service: Any) -> None:
