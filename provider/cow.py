@@ -32,6 +32,7 @@ from typing import Any
 
 from pyroaring import BitMap64
 
+from . import faults
 from .diffarea import DiffArea
 from .origin import Origin
 
@@ -86,6 +87,7 @@ class Pending:
     def write_back(self, origin: Origin, base: int) -> None:
         """Replay the overlay's ranges on the origin, in order: data from `new` (its final
         contents), zeroed ranges as zeroing (a hole where the volume is sparse)."""
+        faults.hit("origin.write")
         for start, end, how in self.dirty:
             if how == DATA:
                 origin.pwrite(base + start, memoryview(self.new)[start:end])

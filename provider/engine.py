@@ -391,7 +391,9 @@ class Engine:
             reads.add(entry[1], length, entry[2], 0, length, memoryview(data), chunk)
             reads.finish()  # DamagedData: the revert stops here, resumable once repaired
             vol.origin.pwrite(chunk * vol.chunk_size, data)
+        faults.hit("revert.sync")
         vol.origin.sync()
+        faults.hit("revert.commit")
         with self._lock:
             freed = [(c, e) for c, entries in vol.index.items() for e in entries if e[0] >= epoch]
             for snap in deleted:
@@ -527,6 +529,7 @@ class Engine:
             v.origin.sync()
         if time.monotonic() > deadline:
             raise HoldTimeout("writes could not be flushed within the hold limit")
+        faults.hit("snapshot.commit")
         set_id, created = str(uuid.uuid4()), utc_now()
         snaps = [
             Snapshot(
@@ -565,6 +568,7 @@ class Engine:
                 t.execute(
                     "UPDATE volumes SET epoch=?, next_seq=? WHERE id=?", (s.epoch, s.seq + 1, v.id)
                 )
+        faults.hit("snapshot.committed")
         with self._lock:
             for v, s in zip(vols, snaps, strict=True):
                 v.epoch, v.next_seq = s.epoch, s.seq + 1
@@ -589,12 +593,19 @@ class Engine:
             vol, snap = self._find_snapshot(name)
             if vol.invalid.get(snap.seq) is snap:
                 if not invalidate:
-                    self._free(vol, [], snap)
+                    self._forget(snap)
                     with self._lock:
                         del vol.invalid[snap.seq]
                 return
             if snap.pins and not force:
                 raise Busy(f"snapshot {name} is in use ({snap.pins} open export(s))")
+            # 1. the snapshot goes (or turns invalid) durably first: until then it stays in
+            # the model, so writes keep preserving what it reads. Dropping it from memory
+            # first would let a write overwrite, unpreserved, a chunk that the snapshot
+            # still on disk needs, and a crash right then would bring it back changed.
+            self._forget(snap, invalidate)
+            # 2. then out of the model, and what only it needed is freed (a crash from here
+            # leaves unneeded entries, which recovery frees at the next open)
             with self._lock:
                 vol.drop_snapshot(snap)
                 freed = [
@@ -602,43 +613,36 @@ class Engine:
                 ]
                 for chunk, entry in freed:
                     vol.remove_entry(chunk, entry)
-            try:
-                self._free(vol, freed, snap, keep=invalidate)
-            except BaseException:
-                with self._lock:
-                    vol.add_snapshot(snap)
-                    for chunk, entry in freed:
-                        vol.insert_entry(chunk, entry)
-                raise
-            if invalidate:
-                with self._lock:
+                if invalidate:
                     snap.state = "invalid"
                     vol.invalid[snap.seq] = snap
+            self._free(vol, freed)
 
-    def _free(
-        self,
-        vol: CowVolume,
-        freed: list[tuple[int, Entry]],
-        snap: Snapshot | None = None,
-        keep: bool = False,
-    ) -> None:
-        """Commit the removal of entries (and of `snap`, or with `keep` its new state,
-        invalid), then punch and release their slots."""
+    def _forget(self, snap: Snapshot, invalidate: bool = False) -> None:
+        """Commit a snapshot's deletion (or, `invalidate`, its invalid state)."""
+        faults.hit("delete.forget")
         with self.catalog.transaction() as t:
-            t.executemany(
-                "DELETE FROM chunks WHERE volume_id=? AND chunk=? AND epoch=?",
-                [(vol.id, c, e[0]) for c, e in freed],
-            )
-            if snap is not None and keep:
+            if invalidate:
                 t.execute("UPDATE snapshots SET state='invalid' WHERE id=?", (snap.id,))
-            elif snap is not None:
+            else:
                 t.execute("DELETE FROM snapshots WHERE id=?", (snap.id,))
                 t.execute(
                     "DELETE FROM snapsets WHERE id=? AND id NOT IN (SELECT set_id FROM snapshots)",
                     (snap.set_id,),
                 )
+
+    def _free(self, vol: CowVolume, freed: list[tuple[int, Entry]]) -> None:
+        """Commit the removal of entries, then punch and release their slots."""
+        faults.hit("delete.commit")
+        with self.catalog.transaction() as t:
+            t.executemany(
+                "DELETE FROM chunks WHERE volume_id=? AND chunk=? AND epoch=?",
+                [(vol.id, c, e[0]) for c, e in freed],
+            )
         slots = [e[1] for _c, e in freed if e[1] != ZERO]
+        faults.hit("delete.punch")
         vol.diff.punch(slots)
+        faults.hit("delete.release")
         with self._lock:
             vol.diff.release(slots)
 
@@ -950,6 +954,7 @@ class Engine:
             self._preserver.wait_applied(self._preserver.queued_seq)
             vols = [vol] if vol is not None else list(self._volumes.values())
         for v in vols:
+            faults.hit("flush.sync")
             v.origin.sync()
         with self._lock:
             self.stats["flushes"] += 1

@@ -1,50 +1,99 @@
-"""Named fault points, for tests that must crash or fail the engine at a precise step.
+"""Named fault points, for tests that must crash, fail or slow the engine at one step.
 
-`SHADOWBLK_FAULTS="POINT=ACTION[@N],..."` in the environment arms them when the module is
-first imported: at the Nth hit (default the first) of POINT, ACTION happens:
-- `crash`: the process ends at once (`os._exit(137)`, like a SIGKILL: nothing flushed);
-- `eio`, `enospc`: `hit` raises that OSError.
+Armed from `SHADOWBLK_FAULTS="POINT=ACTION[@N],..."` in the environment when the module is
+first imported, from `serve --faults` (the same syntax), or by the `fault.arm` control
+request. At the Nth hit of POINT (default: the first), once, ACTION happens:
+- `crash`: the process ends at once (`os._exit(137)`, like SIGKILL: nothing flushed);
+- `eio`, `enospc`: `hit` raises that OSError;
+- `delay:MS`: `hit` sleeps MS milliseconds (slow storage).
 
-Unarmed, `hit` is one dict look-up. Points so far: `revert.copy` (before each chunk a
-revert copies back); `preserve.write` (before a preserved chunk's data is written),
-`preserve.sync` (before the diff area's fdatasync), `preserve.commit` (before the index
-commit). docs/reliability.md (issue 7) will list them all.
+Unarmed, `hit` costs one truth test of an empty dict. The points, where they are and what
+they model, are listed in docs/reliability.md; `POINTS` is that list, and arming an unknown
+point is an error (a typo would silently test nothing).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 
+POINTS = (
+    "preserve.write",  # before a preserved chunk's data is written to the diff area
+    "preserve.written",  # after it
+    "preserve.sync",  # before the diff area's fdatasync of a batch
+    "preserve.commit",  # before the index commit of a batch
+    "preserve.committed",  # after it, before the overlay reaches the origin
+    "origin.write",  # before an overlay is written to the origin
+    "snapshot.commit",  # before a snapshot set's commit (origin synced, writes held)
+    "snapshot.committed",  # after it, before the set is live in memory
+    "delete.forget",  # before the commit that deletes (or invalidates) a snapshot
+    "delete.commit",  # before the commit that frees entries (a delete's, or garbage)
+    "delete.punch",  # after it, before the freed slots are punched
+    "delete.release",  # after the punch, before the slots may be reused
+    "revert.copy",  # before each chunk a revert copies back
+    "revert.sync",  # after the copy, before the origin's fdatasync
+    "revert.commit",  # after it, before the commit that ends the revert
+    "flush.sync",  # before a flush's origin fdatasync
+)
 _ERRORS = {"eio": errno.EIO, "enospc": errno.ENOSPC}
 _armed: dict[str, tuple[str, int]] = {}  # point -> (action, hits left before it fires)
+_lock = threading.Lock()
+fired: list[str] = []  # points that fired, in order (tests and stats read it)
 
 
-def arm(spec: str) -> None:
-    """Arm points from a SHADOWBLK_FAULTS string (ValueError if malformed)."""
+def parse(spec: str) -> dict[str, tuple[str, int]]:
+    """{point: (action, nth)} from a spec string; ValueError if malformed."""
+    result = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         point, sep, action = item.partition("=")
         action, _, nth = action.partition("@")
-        if not sep or action not in ("crash", *_ERRORS) or (nth and not nth.isdigit()):
-            raise ValueError(f"SHADOWBLK_FAULTS: cannot read {item!r} (POINT=ACTION[@N])")
-        _armed[point] = (action, int(nth or 1))
+        kind, _, ms = action.partition(":")
+        valid = kind in ("crash", *_ERRORS) and not ms or kind == "delay" and ms.isdigit()
+        if not sep or not valid or (nth and not nth.isdigit()) or nth == "0":
+            raise ValueError(f"fault {item!r}: POINT=crash|eio|enospc|delay:MS[@N]")
+        if point not in POINTS:
+            raise ValueError(f"fault {item!r}: no point {point!r} (see docs/reliability.md)")
+        result[point] = (action, int(nth or 1))
+    return result
+
+
+def arm(spec: str) -> None:
+    """Arm the points of a spec string (ValueError if malformed: nothing is armed)."""
+    points = parse(spec)
+    with _lock:
+        _armed.update(points)
 
 
 def disarm() -> None:
-    _armed.clear()
+    with _lock:
+        _armed.clear()
+
+
+def armed() -> dict[str, str]:
+    with _lock:
+        return {point: f"{action}@{left}" for point, (action, left) in _armed.items()}
 
 
 def hit(point: str) -> None:
     """A fault point: does nothing unless armed."""
-    if not _armed or point not in _armed:
+    if not _armed:
         return
-    action, left = _armed[point]
-    if left > 1:
-        _armed[point] = (action, left - 1)
-        return
-    del _armed[point]
+    with _lock:
+        if point not in _armed:
+            return
+        action, left = _armed[point]
+        if left > 1:
+            _armed[point] = (action, left - 1)
+            return
+        del _armed[point]
+        fired.append(point)
     if action == "crash":
         os._exit(137)
+    if action.startswith("delay:"):
+        time.sleep(int(action.partition(":")[2]) / 1000)
+        return
     code = _ERRORS[action]
     raise OSError(code, f"injected fault at {point}: {os.strerror(code)}")
 

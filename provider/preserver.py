@@ -169,6 +169,7 @@ class Preserver:
                 p.hash = chunk_hash(p.old)
                 faults.hit("preserve.write")
                 p.volume.diff.write(p.slot, p.old)
+                faults.hit("preserve.written")
                 diffs[id(p.volume.diff)] = p.volume.diff
         for diff in diffs.values():
             faults.hit("preserve.sync")
@@ -182,6 +183,7 @@ class Preserver:
                     for p in batch
                 ],
             )
+        faults.hit("preserve.committed")
         self._stats["commits"] += 1
 
     def _invalidate(self, batch: list[Pending], why: str) -> None:

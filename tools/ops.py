@@ -250,6 +250,20 @@ async def op_volume_revert(ctx: OpContext, args: dict[str, Any]) -> Any:
     return await ctx.call(ctx.engine.revert, name, force=force)
 
 
+async def op_fault_arm(ctx: OpContext, args: dict[str, Any]) -> Any:
+    """Arm fault points (provider/faults.py syntax), or with `spec` "" disarm them all."""
+    from shadowblk.provider import faults
+
+    if not args["spec"]:
+        faults.disarm()
+    else:
+        try:
+            faults.arm(args["spec"])
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+    return {"armed": faults.armed(), "fired": list(faults.fired)}
+
+
 async def op_verify(ctx: OpContext, args: dict[str, Any]) -> Any:
     """Re-check preserved data; with `progress`, `verify.progress` events {"done",
     "total"} go to the requesting connection while it runs."""
@@ -281,6 +295,7 @@ HANDLERS: dict[str, Handler] = {
     "mount.prepare": op_mount_prepare,
     "mount.release": op_mount_release,
     "verify": op_verify,
+    "fault.arm": op_fault_arm,
     "volume.revert": op_volume_revert,
 }
 

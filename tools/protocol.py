@@ -102,6 +102,7 @@ OPS: dict[str, dict[str, Arg]] = {
     "mount.prepare": {"snapshot": Arg(NAME, required=True), "recover": Arg(FLAG)},
     "mount.release": {"file": Arg(ABSPATH, required=True)},
     "verify": {"name": Arg(NAME), "progress": Arg(FLAG)},
+    "fault.arm": {"spec": Arg(TEXT, required=True)},
     "volume.revert": {"snapshot": Arg(NAME, required=True), "force": Arg(FLAG)},
     # exactly one of the three: checked by the operation
     "snapshot.delete": {

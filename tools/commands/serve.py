@@ -79,6 +79,9 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--scrub-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
               help="Verify every preserved chunk in the background this often "
               "(default: never; `shadowblk verify` does it on demand).")
+@click.option("--faults", metavar="SPEC", default=None,
+              help="Arm fault points for testing: POINT=crash|eio|enospc|delay:MS[@N],... "
+              "(docs/reliability.md).")
 @click.option("--no-fuse", is_flag=True,
               help="No FUSE front-end (no files, no `shadowblk mount`).")  # fmt: skip
 @click.pass_context
@@ -90,6 +93,7 @@ def serve(
     tls_key: Path | None,
     fuse_dir: Path | None,
     scrub_interval: float | None,
+    faults: str | None,
     no_fuse: bool,
 ) -> None:
     """Run the service in the foreground until SIGINT or SIGTERM.
@@ -108,6 +112,13 @@ def serve(
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_cert is not None and nbd_listen is None:
         raise click.UsageError("--tls-cert applies to the TCP listener: give --nbd-listen too")
+    if faults:
+        from shadowblk.provider import faults as fault_points
+
+        try:
+            fault_points.arm(faults)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--faults") from None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     config = ServiceConfig(
         state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key, not no_fuse, fuse_dir,

@@ -1,0 +1,67 @@
+"""Crash cases the torture tests found, kept as deterministic regression tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from shadowblk.provider.engine import Engine
+from shadowblk.provider.fsck import check_consistency
+
+CHUNK = 65536
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from shadowblk.provider import faults
+    from shadowblk.provider.engine import Engine
+
+    engine = Engine.open(sys.argv[1])
+    engine.create_volume("v", size=16 * 65536)
+    dev = engine.open_export("v")
+    dev.write(0, bytes([1]) * 16 * 65536)
+    engine.create_snapshot_set(["v"])
+    dev.write(0, bytes([2]) * 65536)  # chunks 0 and 3: preserved for v@1
+    dev.write(3 * 65536, bytes([4]) * 65536)
+    engine.create_snapshot_set(["v"])  # v@2 alone reads chunk 3 from the origin
+    dev.flush()
+    faults.arm("delete.forget=delay:1500")  # the delete waits before its commit
+    threading.Thread(target=engine.delete_snapshot, args=("v@2",), daemon=True).start()
+    time.sleep(0.5)
+    dev.write(3 * 65536, bytes([3]) * 65536)  # a chunk only v@2 needs, during the delete
+    dev.flush()
+    os._exit(137)  # the crash, while the delete has not committed
+    """
+)
+
+
+def test_a_write_during_an_uncommitted_delete_is_still_preserved(tmp_path: Path) -> None:
+    # Found by test_fault_points (crash at delete.release): the delete dropped the
+    # snapshot from memory before its commit, so this write went to the origin unpreserved
+    # and the snapshot, still on disk after the crash, came back changed.
+    state = tmp_path / "state"
+    child = subprocess.run([sys.executable, "-c", CHILD, str(state)], check=False, timeout=60)
+    assert child.returncode == 137
+    engine = Engine.open(state)
+    try:
+        assert [s.name for s in engine.snapshots()] == ["v@1", "v@2"]
+        dev = engine.open_export("v@2")
+        try:
+            expected = bytearray(bytes([1]) * 16 * CHUNK)
+            expected[0:CHUNK] = bytes([2]) * CHUNK
+            expected[3 * CHUNK : 4 * CHUNK] = bytes([4]) * CHUNK
+            assert dev.pread(0, 16 * CHUNK) == expected
+        finally:
+            dev.close()
+        origin = engine.open_export("v")
+        try:
+            assert origin.pread(3 * CHUNK, CHUNK) == bytes([3]) * CHUNK
+        finally:
+            origin.close()
+        assert check_consistency(engine) == []
+    finally:
+        engine.close()
+    assert os.path.exists(state / "catalog.db")
