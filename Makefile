@@ -18,7 +18,7 @@ DEB_PACKAGES := python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit
 	qemu-utils fio fuse3 libfuse3-dev pkg-config gcc libc6-dev xfsprogs btrfs-progs e2fsprogs \
 	util-linux mount
 
-.PHONY: help setup packages serve test lint pytest bench clean distclean
+.PHONY: help setup packages serve test lint pytest bench torture clean distclean
 
 help:
 	@echo "make setup      install Debian packages, .venv and shadowblk (idempotent)"
@@ -26,6 +26,7 @@ help:
 	@echo "make test       lint (ruff, mypy), then pytest"
 	@echo "make lint       ruff check and mypy only"
 	@echo "make bench      the benchmark against nbdkit and qemu-nbd, into bench-out/"
+	@echo "make torture    the long crash runs (KILLS=300 ROUNDS=40 SEED=...)"
 	@echo "make clean      remove caches and build output; distclean also .venv and $(STATE)"
 
 setup: packages $(STAMP)
@@ -80,6 +81,11 @@ pytest: setup
 # The full benchmark, side by side with nbdkit and qemu-nbd (about 6 minutes here).
 bench: setup
 	$(VENV)/bin/shadowblk bench --out bench-out
+
+# the long crash runs (make test runs a bounded round of each): docs/reliability.md
+torture: setup
+	SHADOWBLK_CRASH_KILLS=$${KILLS:-300} SHADOWBLK_FAULT_ROUNDS=$${ROUNDS:-40} \
+	SHADOWBLK_CRASH_SEED=$${SEED:-$$(date +%s)} $(VENV)/bin/pytest -q tests/crash
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -80,7 +80,7 @@ class FaultCrasher(Crasher):
                 raise AssertionError("an operation failed while the service lived") from None
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(max(1800, ROUNDS * len(LOAD_POINTS) * 10))
 def test_a_crash_at_every_fault_point_keeps_the_contract(
     service_factory: Any, state_dir: Path
 ) -> None:

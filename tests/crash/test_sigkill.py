@@ -239,7 +239,7 @@ class Crasher:
                 assert origin[block] >= seq, f"flushed write {seq} to block {block} was lost"
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(max(900, KILLS * 10))
 def test_sigkill_under_load_keeps_every_snapshot(service_factory: Any, state_dir: Path) -> None:
     crasher = Crasher(service_factory, state_dir)
     crasher.start()
