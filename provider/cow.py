@@ -138,6 +138,7 @@ class CowVolume:
         self.invalid: dict[int, Snapshot] = {}
         self.origin_opens = 0  # open devices of the origin (NBD clients, FUSE opens)
         self.reverting = False  # a revert owns the origin: no device may open it
+        self.origin_error: OSError | None = None  # a failed write-back, for the next FLUSH
         self.policy_victims = 0  # snapshots the full policy deleted or invalidated (this run)
         self.index: dict[int, list[Entry]] = {}
         self.changed = BitMap64()  # the chunks of `index`, ordered (range scans)
@@ -344,14 +345,23 @@ class CowVolume:
         entries.append((pending.epoch, pending.slot, pending.hash))
         self.changed.add(pending.chunk)
         self.done.add(pending.chunk)
-        pending.write_back(self.origin, pending.chunk * self.chunk_size)
-        del self.pending[pending.chunk]
+        self._write_back(pending)
         return self.entry_needed(entries, len(entries) - 1)
 
     def abandon_preserve(self, pending: Pending) -> None:
         """The preserve failed: the write still reaches the origin (it was acknowledged)."""
-        pending.write_back(self.origin, pending.chunk * self.chunk_size)
-        del self.pending[pending.chunk]
+        self._write_back(pending)
+
+    def _write_back(self, pending: Pending) -> None:
+        """The overlay to the origin, and out of the overlay. An origin error here (the
+        write was acknowledged long ago) is kept for the next FLUSH to report."""
+        try:
+            pending.write_back(self.origin, pending.chunk * self.chunk_size)
+        except OSError as e:
+            if self.origin_error is None:
+                self.origin_error = e
+        finally:
+            del self.pending[pending.chunk]
 
     # --- freeing -------------------------------------------------------------------------
 

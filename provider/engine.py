@@ -35,6 +35,7 @@ A crash after the commit leaves free slots unpunched: `open` punches every free 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -958,6 +959,16 @@ class Engine:
             v.origin.sync()
         with self._lock:
             self.stats["flushes"] += 1
+            failed = [(v, v.origin_error) for v in vols if v.origin_error is not None]
+            for v, _ in failed:
+                v.origin_error = None
+        for v, error in failed:  # reported once, as a disk reports a failed writeback
+            log.error(
+                "volume %s: an acknowledged write did not reach the origin: %s", v.name, error
+            )
+            raise OSError(
+                error.errno or errno.EIO, f"a write acknowledged earlier was lost: {error}"
+            )
 
     # --- statistics ----------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ POINTS = (
     "preserve.commit",  # before the index commit of a batch
     "preserve.committed",  # after it, before the overlay reaches the origin
     "origin.write",  # before an overlay is written to the origin
+    "origin.read",  # before any read of the origin
+    "origin.pwrite",  # before any write to the origin (direct, or an overlay's)
     "snapshot.commit",  # before a snapshot set's commit (origin synced, writes held)
     "snapshot.committed",  # after it, before the set is live in memory
     "delete.forget",  # before the commit that deletes (or invalidates) a snapshot

@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from . import faults
 from .errors import InvalidArgument, Locked
 from .fileio import (
     data_extents,
@@ -96,12 +97,14 @@ class Origin:
         return (st.st_dev, st.st_ino)
 
     def pread(self, offset: int, length: int) -> bytes:
+        faults.hit("origin.read")
         return pread_full(self.fd, length, offset)
 
     def pread_into(self, offset: int, view: memoryview) -> None:
         preadv_full(self.fd, view, offset)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        faults.hit("origin.pwrite")
         pwrite_full(self.fd, data, offset)
         if not self.dirty:
             self.dirty = True

@@ -1,0 +1,62 @@
+"""A failing origin: errors reach the NBD client that caused them, or the next FLUSH for a
+write acknowledged earlier; the service goes on."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import nbd
+import pytest
+
+from shadowblk.tools.client import ControlClient
+
+MiB = 1 << 20
+
+
+def connect(service: Any, export: str) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///{export}?socket={service.nbd_socket}")
+    return h
+
+
+def arm(service: Any, spec: str) -> None:
+    with ControlClient.connect(service.state_dir) as client:
+        client.call("fault.arm", spec=spec)
+
+
+def test_origin_read_and_write_errors_are_nbd_errors(service: Any) -> None:
+    service.cli.run("volume", "create", "v", "--size", "4M")
+    h = connect(service, "v")
+    h.pwrite(b"a" * MiB, 0)
+    arm(service, "origin.read=eio")
+    with pytest.raises(nbd.Error) as info:
+        h.pread(4096, 0)
+    assert info.value.errnum == errno.EIO
+    assert h.pread(4096, 0) == b"a" * 4096  # the next one works
+    arm(service, "origin.pwrite=enospc")
+    with pytest.raises(nbd.Error) as info:
+        h.pwrite(b"b" * 4096, 0)
+    assert info.value.errnum == errno.ENOSPC
+    h.pwrite(b"c" * 4096, 0)
+    h.flush()
+    assert h.pread(4096, 0) == b"c" * 4096
+
+
+def test_a_lost_write_back_is_reported_at_the_next_flush(service: Any) -> None:
+    service.cli.run("volume", "create", "v", "--size", "4M")
+    h = connect(service, "v")
+    h.pwrite(b"a" * (4 * MiB), 0)
+    h.flush()
+    service.cli.run("create", "v")
+    arm(service, "origin.write=eio")
+    h.pwrite(b"z" * 4096, MiB)  # acknowledged from the overlay; its write-back fails
+    with pytest.raises(nbd.Error) as info:
+        h.flush()
+    assert info.value.errnum == errno.EIO
+    h.flush()  # reported once
+    assert connect(service, "v@1").pread(MiB, MiB) == b"a" * MiB  # the snapshot is intact
+    h.pwrite(b"y" * 4096, 2 * MiB)
+    h.flush()
+    assert h.pread(4096, 2 * MiB) == b"y" * 4096
+    assert "did not reach the origin" in service.log()
