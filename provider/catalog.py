@@ -117,7 +117,10 @@ class Catalog:
         row = self.db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
         if row is None:
             raise FormatError(f"catalog {self.path} has no format version")
-        version = int(row[0])
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            raise FormatError(f"catalog {self.path} has an unreadable format version") from None
         if version > FORMAT_VERSION:
             raise FormatError(
                 f"catalog {self.path} has format version {version}; this shadowblk reads "

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -60,6 +61,7 @@ from .errors import (
     AlreadyExists,
     Busy,
     DamagedData,
+    FormatError,
     HoldTimeout,
     InsufficientStorage,
     InvalidArgument,
@@ -127,11 +129,16 @@ class Engine:
         path = Path(state_dir).absolute()
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = flock_exclusive(path / "lock", f"state directory {path}")
+        engine = None
         try:
             engine = cls(path, lock_fd, Catalog(path / "catalog.db"))
             engine._load()
-        except BaseException:
+        except BaseException as e:
+            if engine is not None:
+                engine._abandon()
             os.close(lock_fd)
+            if isinstance(e, sqlite3.Error | UnicodeError):
+                raise FormatError(f"catalog {path / 'catalog.db'} is damaged: {e}") from e
             raise
         engine._preserver.start()
         engine._writeback.start()
@@ -163,13 +170,30 @@ class Engine:
         self.catalog.close()
         os.close(self._lock_fd)
 
+    def _abandon(self) -> None:
+        """Release what a failed open had opened (origins are locked while open)."""
+        for vol in self._volumes.values():
+            with contextlib.suppress(OSError):
+                vol.origin.close()
+                vol.diff.close()
+        self._volumes.clear()
+        with contextlib.suppress(Exception):
+            self.catalog.close()
+
     def _load(self) -> None:
         for row in self.catalog.query("SELECT * FROM volumes ORDER BY id"):
             try:
-                self._volumes[row["name"]] = self._open_volume(row)
+                name = row["name"]
+            except (IndexError, KeyError):
+                raise FormatError("the catalog's volumes table is damaged") from None
+            try:
+                self._volumes[name] = self._open_volume(row)
             except (ShadowblkError, OSError) as e:
-                log.error("volume %s is unavailable: %s", row["name"], e)
-                self.unavailable[row["name"]] = str(e)
+                log.error("volume %s is unavailable: %s", name, e)
+                self.unavailable[name] = str(e)
+            except Exception as e:  # damaged metadata: refuse this volume, never the service
+                log.exception("volume %s is unavailable: its catalog rows are damaged", name)
+                self.unavailable[name] = f"its catalog rows are damaged ({e!r})"
 
     def _open_volume(self, row: Any) -> CowVolume:
         origin = Origin.open(Path(row["origin"]))
@@ -185,6 +209,17 @@ class Engine:
             raise
         vol = CowVolume(row, origin, diff)
         origin.on_dirty = self._writeback.poke
+        try:
+            self._load_volume(vol, row)
+        except BaseException:
+            origin.close()
+            diff.close()
+            raise
+        return vol
+
+    def _load_volume(self, vol: CowVolume, row: Any) -> None:
+        """A volume's snapshots and entries from the catalog (each entry checked against
+        the volume and its diff area: a damaged one refuses the volume), then recovery."""
         for s in self.catalog.query(
             "SELECT * FROM snapshots WHERE volume_id=? ORDER BY seq", (vol.id,)
         ):
@@ -194,15 +229,19 @@ class Engine:
             else:
                 vol.add_snapshot(snap)
         for chunk, epoch, slot, digest in self.catalog.iter_chunks(vol.id):
+            if not _entry_fits(vol, chunk, epoch, slot, digest, bool(row["legacy_checksums"])):
+                raise FormatError(
+                    f"volume {vol.name}: catalog entry (chunk {chunk}, epoch {epoch}, slot "
+                    f"{slot}) does not fit the volume or its diff area: refusing the volume"
+                )
             vol.load_entry(chunk, epoch, slot, digest)
         if row["legacy_checksums"]:
             self._rehash(vol)
-        diff.set_used(vol.used_slots())
+        vol.diff.set_used(vol.used_slots())
         self._recover(vol)
         if row["revert_epoch"] is not None:
             log.warning("volume %s: finishing the revert a crash interrupted", vol.name)
             self._run_revert(vol, row["revert_epoch"])
-        return vol
 
     def _rehash(self, vol: CowVolume) -> None:
         """Catalog format 1 -> 2 for one volume: every preserved chunk is read, checked
@@ -992,6 +1031,22 @@ class Engine:
                 unavailable=dict(self.unavailable),
                 exports=dict(self._exports),
             )
+
+
+def _entry_fits(
+    vol: CowVolume, chunk: int, epoch: int, slot: int | None, digest: Any, legacy: bool
+) -> bool:
+    """Can this catalog entry be right? Its chunk in the volume, its epoch one the volume
+    has had, its slot in the diff file, a checksum of the right size with it."""
+    if not (isinstance(chunk, int) and 0 <= chunk * vol.chunk_size < vol.size):
+        return False
+    if not (isinstance(epoch, int) and 1 <= epoch <= vol.epoch):
+        return False
+    if slot is None:
+        return digest is None
+    if not (isinstance(slot, int) and 0 <= slot < vol.diff.hwm and isinstance(digest, bytes)):
+        return False
+    return legacy or len(digest) == 8 * -(-vol.chunk_len(chunk) // 4096)
 
 
 def _snapshot_info(s: Snapshot, diff_bytes: int) -> SnapshotInfo:
