@@ -13,21 +13,10 @@ from typing import Any
 
 import nbd
 import pytest
+from exports import connect, export_sha256
 
 MiB = 1 << 20
 SIZE = 256 * MiB
-
-
-def connect(service: Any, export: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(f"nbd+unix:///{export}?socket={service.nbd_socket}")
-    return h
-
-
-def export_sha256(service: Any, export: str) -> str:
-    uri = f"nbd+unix:///{export}?socket={service.nbd_socket}"
-    proc = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=300)
-    return hashlib.sha256(proc.stdout).hexdigest()
 
 
 def run_rounds(service: Any, rounds: int, writes: int, seed: int) -> dict[str, str]:

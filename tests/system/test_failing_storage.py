@@ -8,16 +8,11 @@ from typing import Any
 
 import nbd
 import pytest
+from exports import connect
 
 from shadowblk.tools.client import ControlClient
 
 MiB = 1 << 20
-
-
-def connect(service: Any, export: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(f"nbd+unix:///{export}?socket={service.nbd_socket}")
-    return h
 
 
 def arm(service: Any, spec: str) -> None:

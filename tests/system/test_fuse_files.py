@@ -8,18 +8,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
+from exports import connect
 
 from shadowblk.tools.client import ControlClient
 
 MiB = 1 << 20
-
-
-def nbd_handle(service: Any, export: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(f"nbd+unix:///{export}?socket={service.nbd_socket}")
-    return h
 
 
 def test_files_follow_volumes_and_snapshots(service: Any) -> None:
@@ -51,11 +45,11 @@ def test_fuse_writes_are_copy_on_write_and_coherent_with_nbd(service: Any) -> No
         os.fsync(f.fileno())
     # read back through the other front-end
     expected = before[: 3 * MiB + 512] + after + before[4 * MiB + 512 :]
-    assert nbd_handle(service, "v").pread(8 * MiB, 0) == expected
-    assert nbd_handle(service, "v@1").pread(8 * MiB, 0) == before
+    assert connect(service, "v").pread(8 * MiB, 0) == expected
+    assert connect(service, "v@1").pread(8 * MiB, 0) == before
     assert (fuse / "v@1").read_bytes() == before
     # and an NBD write is seen at once through the origin file (direct_io: no stale cache)
-    nbd_handle(service, "v").pwrite(b"\x5a" * 4096, 0)
+    connect(service, "v").pwrite(b"\x5a" * 4096, 0)
     with open(fuse / "v", "rb", buffering=0) as f:
         assert f.read(4096) == b"\x5a" * 4096
 
@@ -93,7 +87,7 @@ def test_snapshot_files_refuse_writes_and_sizes_are_fixed(service: Any) -> None:
         assert os.pwrite(fd, b"y" * 4096, MiB - 4096) == 4096
     finally:
         os.close(fd)
-    assert nbd_handle(service, "v").pread(4096, MiB - 4096) == b"y" * 4096
+    assert connect(service, "v").pread(4096, MiB - 4096) == b"y" * 4096
     assert service.cli.run("delete", "v@1").returncode == 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from exports import export_sha256
 
 from shadowblk.mount import host
 
@@ -34,13 +35,6 @@ def sh(*argv: str) -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def export_sha256(service: Any, export: str) -> str:
-    """The export's sha256, read over NBD (not through the FUSE file the mount uses)."""
-    uri = f"nbd+unix:///{export}?socket={service.nbd_socket}"
-    proc = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=300)
-    return hashlib.sha256(proc.stdout).hexdigest()
 
 
 @dataclass

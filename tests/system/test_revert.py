@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
+from exports import connect, export_sha256
 
 MiB = 1 << 20
-
-
-def connect(service: Any, export: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(f"nbd+unix:///{export}?socket={service.nbd_socket}")
-    return h
-
-
-def export_sha256(service: Any, export: str) -> str:
-    uri = f"nbd+unix:///{export}?socket={service.nbd_socket}"
-    proc = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=300)
-    return hashlib.sha256(proc.stdout).hexdigest()
 
 
 def scene(service: Any, size: int) -> str:

@@ -12,16 +12,11 @@ from typing import Any
 
 import nbd
 import pytest
+from exports import connect
 
 from shadowblk.tools.client import ControlClient
 
 CHUNK = 64 * 1024
-
-
-def connect(service: Any, export: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(f"nbd+unix:///{export}?socket={service.nbd_socket}")
-    return h
 
 
 def flip(data_file: Path, content: bytes, block: int) -> None:
