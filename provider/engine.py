@@ -184,8 +184,12 @@ class Engine:
         for row in self.catalog.query("SELECT * FROM volumes ORDER BY id"):
             try:
                 name = row["name"]
+                missing = VOLUME_COLUMNS - set(row.keys())
             except (IndexError, KeyError):
-                raise FormatError("the catalog's volumes table is damaged") from None
+                missing = {"name"}
+            if missing:
+                columns = ", ".join(sorted(missing))
+                raise FormatError(f"the catalog's volumes table is damaged: no column {columns}")
             try:
                 self._volumes[name] = self._open_volume(row)
             except (ShadowblkError, OSError) as e:
@@ -1031,6 +1035,13 @@ class Engine:
                 unavailable=dict(self.unavailable),
                 exports=dict(self._exports),
             )
+
+
+VOLUME_COLUMNS = {
+    "id", "name", "uuid", "size", "chunk_size", "origin", "origin_kind", "owned", "diff_area",
+    "max_diff", "full_policy", "sparse", "epoch", "next_seq", "created", "legacy_checksums",
+    "max_snapshots", "revert_epoch",
+}  # fmt: skip
 
 
 def _entry_fits(
