@@ -257,16 +257,17 @@ def _call(fn: Callable[..., T], *args: Any) -> T:
     """An inline engine call; its errors become the FUSE errno."""
     try:
         return fn(*args)
-    except ShadowblkError as exc:
-        raise pyfuse3.FUSEError(exc.errno) from None
-    except OSError as exc:
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except (ShadowblkError, OSError) as exc:
+        raise _fuse_error(exc) from None
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """An engine call that may block, in a worker thread; its errors become the errno."""
     try:
         return await trio.to_thread.run_sync(fn, *args)
-    except ShadowblkError as exc:
-        raise pyfuse3.FUSEError(exc.errno) from None
-    except OSError as exc:
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except (ShadowblkError, OSError) as exc:
+        raise _fuse_error(exc) from None
+
+
+def _fuse_error(exc: ShadowblkError | OSError) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(exc.errno or errno.EIO)

@@ -748,6 +748,14 @@ class Engine:
                     progress(checked, total)
         return {"checked": checked, "damaged": damaged}
 
+    def _damaged(self, snap: Snapshot, why: str) -> None:
+        """A read or a verify met damage that `snap` reads: log it, mark it (durably, by
+        the preserver thread: this runs under the engine lock)."""
+        log.error("snapshot %s: %s", snap.name, why)
+        if snap.state == "ok":
+            snap.state = "damaged"
+            self._preserver.record_state_nowait(snap.id, "damaged")
+
     def _mark_damaged(self, vol: CowVolume, chunk: int, entry: Entry, why: str) -> dict[str, Any]:
         """Mark the snapshots that read `entry` damaged; the record verify reports."""
         entries = vol.index[chunk]
@@ -755,10 +763,7 @@ class Engine:
         after = entries[i - 1][0] if i else -1
         readers = [s for s in vol.snapshots.values() if after < s.epoch <= entry[0]]
         for snap in readers:
-            log.error("snapshot %s, chunk %d: %s", snap.name, chunk, why)
-            if snap.state == "ok":
-                snap.state = "damaged"
-                self._preserver.record_state_nowait(snap.id, "damaged")
+            self._damaged(snap, f"chunk {chunk}: {why}")
         return {
             "volume": vol.name,
             "chunk": chunk,
@@ -826,10 +831,7 @@ class Engine:
             try:
                 reads.finish()
             except DamagedData as e:
-                log.error("snapshot %s: %s", snap.name, e.message)
-                if snap.state == "ok":
-                    snap.state = "damaged"
-                    self._preserver.record_state_nowait(snap.id, "damaged")
+                self._damaged(snap, e.message)
                 raise
             return data
 

@@ -119,22 +119,14 @@ async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
 
 async def op_snapshot_list(ctx: OpContext, args: dict[str, Any]) -> Any:
     snaps = await ctx.call(ctx.engine.snapshots, args.get("volume"))
-    mounted: dict[str, list[str]] = {}
-    if ctx.fuse is not None:
-        from shadowblk.mount.host import where_mounted
-
-        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+    mounted = await _mounted(ctx)
     return [{**s.to_dict(), "mounted": mounted.get(s.name, [])} for s in snaps]
 
 
 async def release_snapshots(ctx: OpContext, names: list[str], why: str) -> None:
     """Delete auto-release snapshots whose requester is gone. A mounted one is left (and
     logged): it goes at the next start, once nothing is mounted over it."""
-    mounted: dict[str, list[str]] = {}
-    if ctx.fuse is not None:
-        from shadowblk.mount.host import where_mounted
-
-        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+    mounted = await _mounted(ctx)
     for name in names:
         if mounted.get(name):
             log.error("%s: %s is mounted on %s: kept until the next start", why, name,
@@ -147,6 +139,16 @@ async def release_snapshots(ctx: OpContext, names: list[str], why: str) -> None:
             pass
         except ShadowblkError as exc:
             log.error("%s: releasing %s: %s", why, name, exc)
+
+
+async def _mounted(ctx: OpContext) -> dict[str, list[str]]:
+    """Export name -> where filesystems over its FUSE file are mounted (mount/host.py)."""
+    if ctx.fuse is None:
+        return {}
+    from shadowblk.mount.host import where_mounted
+
+    mounted: dict[str, list[str]] = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+    return mounted
 
 
 def _fuse(ctx: OpContext) -> Any:
@@ -181,10 +183,8 @@ async def op_snapshot_delete(ctx: OpContext, args: dict[str, Any]) -> Any:
     if len(args) != 1:
         raise InvalidArgument("snapshot.delete: give exactly one of names, set, oldest")
     names = await ctx.call(_select_for_delete, ctx.engine, args)
-    if ctx.fuse is not None:  # even --force: the filesystem would fail under its user
-        from shadowblk.mount.host import where_mounted
-
-        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
+    mounted = await _mounted(ctx)  # refused even with --force: it would fail under its user
+    if mounted:
         for name in names:
             if mounted.get(name):
                 raise Busy(f"snapshot {name} is mounted on {', '.join(mounted[name])}: "
@@ -232,10 +232,7 @@ async def op_volume_revert(ctx: OpContext, args: dict[str, Any]) -> Any:
         if ctx.fuse.fs.opens_of(volume):
             raise Busy(f"the FUSE file of volume {volume} is open (a loop device, a mount "
                        "or a program): unmount or close it first")  # fmt: skip
-        from shadowblk.mount.host import where_mounted
-
-        mounted = await ctx.call(where_mounted, ctx.fuse.fuse_dir)
-        for other, points in mounted.items():
+        for other, points in (await _mounted(ctx)).items():
             v, _, n = other.rpartition("@")
             if v == volume and n.isdigit() and int(n) >= int(seq) and points:
                 raise Busy(f"snapshot {other} is mounted on {', '.join(points)}: a revert "
