@@ -53,6 +53,7 @@ class OpContext:
     stats_sources: Mapping[str, StatsSource] = field(default_factory=dict)
     fuse: Any = None  # the FUSE front-end (shadowblk.mount.frontend), None under --no-fuse
     nbd: Any = None  # the NBD server (for revert --force), None in tests of ops alone
+    hold_timeout: float = 10.0  # seconds a snapshot set may hold writes (serve --hold-timeout)
 
     async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run one blocking engine call in a worker thread."""
@@ -110,6 +111,7 @@ async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
         ctx.engine.create_snapshot_set,
         args["volumes"],
         label=args.get("label"),
+        hold_timeout=ctx.hold_timeout,
         auto_release=auto_release,
     )
     if auto_release and releases is not None:

@@ -54,6 +54,7 @@ class ServiceConfig:
     fuse: bool = True  # the FUSE front-end (--no-fuse turns it off)
     fuse_dir: Path | None = None  # default: <state>/fuse
     scrub_interval: float | None = None  # seconds between background verifies; None: off
+    hold_timeout: float = 10.0  # seconds snapshot creation may hold writes (hold-timeout)
 
 
 class Service:
@@ -71,6 +72,7 @@ class Service:
         self.nbd: NBDServer | None = None  # set while serving
         self.control: ControlServer | None = None  # set while serving; pushes events
         self.scrub_interval = config.scrub_interval
+        self.hold_timeout = config.hold_timeout
         self.fuse_dir: Path | None = None
         if config.fuse:
             self.fuse_dir = Path(os.path.abspath(config.fuse_dir or self.state_dir / "fuse"))
@@ -150,7 +152,8 @@ class Service:
         if self.scrub_interval:
             servers.start_soon(_scrub, engine, self.scrub_interval)
         stats: dict[str, StatsSource] = {"nbd": self.nbd.statistics}
-        self.control = ControlServer(OpContext(engine, self.info, stats, fuse, self.nbd))
+        ctx = OpContext(engine, self.info, stats, fuse, self.nbd, self.hold_timeout)
+        self.control = ControlServer(ctx)
         stats["control"] = self.control.statistics
         await servers.start(self.control.serve_unix, self.control_path)
 

@@ -79,6 +79,10 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--scrub-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
               help="Verify every preserved chunk in the background this often "
               "(default: never; `shadowblk verify` does it on demand).")
+@click.option("--hold-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              metavar="SECONDS", show_default=True,
+              help="Longest time snapshot creation may hold writes to flush its volumes; past "
+              "it, `create` fails with hold-timeout and writes resume.")
 @click.option("--faults", metavar="SPEC", default=None,
               help="Arm fault points for testing: POINT=crash|eio|enospc|delay:MS[@N],... "
               "(docs/reliability.md).")
@@ -93,6 +97,7 @@ def serve(
     tls_key: Path | None,
     fuse_dir: Path | None,
     scrub_interval: float | None,
+    hold_timeout: float,
     faults: str | None,
     no_fuse: bool,
 ) -> None:
@@ -122,7 +127,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     config = ServiceConfig(
         state_dir(ctx), list(init_volumes), nbd_listen, tls_cert, tls_key, not no_fuse, fuse_dir,
-        scrub_interval,
+        scrub_interval, hold_timeout,
     )
     service = Service(config)
     try:
