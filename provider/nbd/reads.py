@@ -25,12 +25,21 @@ from .codec import (
 from .protocol import (
     CMD_FLAG_DF,
     CMD_FLAG_REQ_ONE,
+    CMD_READ,
     CONTEXT_BASE_ALLOCATION,
+    DATA_CHUNK_HEADER,
     MAX_EXTENTS,
     MAX_REQUEST_LENGTH,
     NBD_EINVAL,
     NBD_EIO,
     QEMU_DIRTY_BITMAP,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
     Buffer,
     Request,
     RequestError,
@@ -61,6 +70,49 @@ async def read(t: Transmission, request: Request, payload: Buffer) -> None:
         return
     data = _pread(t, request, request.offset, request.length) if request.length else b""
     await t.reply(request, encode_simple_reply(0, request.handle), data)
+
+
+def serve_buffered_reads(t: Transmission) -> bool:
+    """The fast path of a client that pipelines small reads: serve the plain READs already
+    received (no flags, shorter than HOLE_SCAN_MIN, in range), inline, with no await and
+    none of the per-request coroutines, their replies (data or error) queued on the wire.
+    Stops at the first other request (the general path takes it, so requests are still
+    served in order) or when the reply queue is full. True: the queue wants a flush."""
+    wire, device = t.wire, t.device
+    buffer, size, structured = wire.buffered(), device.size, t.session.structured_replies
+    unpack, pread, served = REQUEST.unpack_from, device.pread, 0
+    while len(buffer) >= REQUEST.size:
+        magic, flags, kind, handle, offset, length = unpack(buffer)
+        if kind != CMD_READ or flags or magic != REQUEST_MAGIC:
+            break
+        if not 0 < length < HOLE_SCAN_MIN or offset + length > size:
+            break
+        wire.consume(REQUEST.size)
+        served += 1
+        try:
+            data = pread(offset, length)
+        except Exception as exc:
+            request = Request(magic, flags, kind, handle, offset, length)
+            if not t.reply_error_nowait(request, exc):
+                break
+            continue
+        if len(data) != length:
+            request = Request(magic, flags, kind, handle, offset, length)
+            t.log_failure(request, f"pread returned {len(data)} of {length} bytes")
+            if not t.reply_error_nowait(request, RequestError(NBD_EIO, "short read")):
+                break
+            continue
+        if structured:
+            header = DATA_CHUNK_HEADER.pack(
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle,
+                8 + length, offset,
+            )  # fmt: skip
+        else:
+            header = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        if not wire.queue_nowait(header, data):
+            break
+    t.counters["requests_served"] += served
+    return wire.queue_full()
 
 
 def _read_chunks(t: Transmission, request: Request) -> list[Buffer]:

@@ -60,6 +60,7 @@ from .protocol import (
     RequestError,
     nbd_errno,
 )
+from .reads import serve_buffered_reads
 from .session import Session
 from .wire import PeerClosed, Wire
 
@@ -105,6 +106,8 @@ class Transmission:
 
     async def _serve_requests(self) -> None:
         while not self.done:
+            if serve_buffered_reads(self):
+                await self.wire.flush()
             request = await self._receive_request()
             if request is None:
                 return
@@ -155,12 +158,20 @@ class Transmission:
 
     async def reply_error(self, request: Request, error: int, message: str) -> None:
         self.counters["requests_served"] += 1
+        await self._send(self._error_reply(request, error, message))
+
+    def reply_error_nowait(self, request: Request, exc: Exception) -> bool:
+        """Queue the error reply for an engine exception (the reader's fast path, which
+        counts its requests itself); False when the queue wants a flush."""
+        error = self._request_error(exc, request)
+        return self.wire.queue_nowait(self._error_reply(request, error.error, error.message))
+
+    def _error_reply(self, request: Request, error: int, message: str) -> bytes:
         self.counters["request_errors"] += 1
         log.debug("nbd conn %d: %s: error %d: %s", self.wire.ident, request, error, message)
         if self.session.structured_replies:
-            await self._send(encode_error_chunk(request.handle, error, message))
-        else:
-            await self._send(encode_simple_reply(error, request.handle))
+            return encode_error_chunk(request.handle, error, message)
+        return encode_simple_reply(error, request.handle)
 
     async def _send(self, *parts: Buffer) -> None:
         """Send a reply: batched when the reader makes it, at once from a child task."""

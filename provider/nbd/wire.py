@@ -110,7 +110,25 @@ class Wire:
             raise PeerClosed(clean)
         return data
 
+    def buffered(self) -> bytearray:
+        """What has been received and not consumed yet (the reader may parse it in place
+        and `consume` what it used)."""
+        return self._buffer
+
+    def consume(self, size: int) -> None:
+        del self._buffer[:size]
+
     # Sending (any task).
+
+    def queue_nowait(self, *parts: Buffer) -> bool:
+        """Queue one message (the reader task only), as `send(batch=True)` does but never
+        sending; False once the queue holds BATCH_LIMIT bytes: time to `flush`."""
+        self._queue += parts
+        self._queued += sum(len(p) for p in parts)
+        return self._queued < BATCH_LIMIT
+
+    def queue_full(self) -> bool:
+        return self._queued >= BATCH_LIMIT
 
     async def send(self, *parts: Buffer, batch: bool = False) -> None:
         """Send one message, made of `parts` (a header, data, ...), as a unit, after the

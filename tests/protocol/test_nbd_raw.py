@@ -391,3 +391,69 @@ def test_batched_replies_go_out_while_the_reader_waits_for_a_slot(
     finally:
         gate.set()
     assert sorted(client.reply()[1] for _ in range(24)) == list(range(100, 124))
+
+
+# Pipelined small reads: the reader's fast path (reads.serve_buffered_reads).
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_pipelined_reads_are_answered_in_order_around_other_requests(
+    raw: RawFactory, reference: Reference, structured: bool
+) -> None:
+    # one buffer: reads, a write to a range read before it, a read of that range after it,
+    # a read past the end, a read with a flag; each gets its reply, as if served in order
+    client = raw()
+    client.go("vol", structured=structured)
+    before = reference("vol", 8192, 4096)
+    new = bytes(range(256)) * 16
+    size = 16 * MiB
+    stream = b"".join(request(CMD_READ, i * 4096, 4096, handle=i) for i in range(12))
+    stream += request(CMD_WRITE, 8192, 4096, handle=50) + new
+    stream += request(CMD_READ, 8192, 4096, handle=51)
+    stream += request(CMD_READ, size - 512, 1024, handle=52)  # past the end: EINVAL
+    stream += request(CMD_READ, 4096, 512, flags=1, handle=53)  # FUA: the general path
+    client.sock.sendall(stream)
+    lengths = {**{i: 4096 for i in range(12)}, 51: 4096, 53: 512}
+    replies = {}
+    for _ in range(16):
+        error, handle, data = _any_reply(client, lengths)
+        replies[handle] = (error, data)
+    for i in range(12):
+        expected = before if i == 2 else reference("vol", i * 4096, 4096)
+        assert replies[i] == (0, expected), f"read {i}"
+    assert replies[50] == (0, b"")
+    assert replies[51] == (0, new)
+    assert replies[52][0] == EINVAL
+    assert replies[53] == (0, reference("vol", 4096, 512))
+
+
+def test_pipelined_reads_that_fail_get_errors_and_the_connection_goes_on(
+    raw: RawFactory, fake: Any, reference: Reference
+) -> None:
+    client = raw()
+    client.go("vol", structured=True)
+    fake.stores["vol"].faults["read"] = OSError(5, "injected")
+    client.sock.sendall(b"".join(request(CMD_READ, i * 512, 512, handle=i) for i in range(6)))
+    errors = sorted((_any_reply(client, {})[:2]) for _ in range(6))
+    assert errors == [(5, i) for i in range(6)]
+    del fake.stores["vol"].faults["read"]
+    client.sock.sendall(b"".join(request(CMD_READ, i * 512, 512, handle=i) for i in range(6)))
+    for _ in range(6):
+        error, handle, data = _any_reply(client, {})
+        assert (error, data) == (0, reference("vol", handle * 512, 512))
+
+
+def _any_reply(client: Any, lengths: dict[int, int]) -> tuple[int, int, bytes]:
+    """(error, handle, data) of the next reply: simple (with `lengths[handle]` bytes of data
+    if it succeeded) or one structured chunk (data, error or none)."""
+    (magic,) = struct.unpack(">I", client.recv_exactly(4))
+    if magic == 0x67446698:
+        error, handle = struct.unpack(">IQ", client.recv_exactly(12))
+        return error, handle, b"" if error else client.recv_exactly(lengths.get(handle, 0))
+    assert magic == 0x668E33EF, f"not a reply: {magic:#x}"
+    flags, kind, handle, length = struct.unpack(">HHQI", client.recv_exactly(16))
+    payload = client.recv_exactly(length)
+    assert flags & 1, "one chunk per reply here"
+    if kind == 2**15 + 1:
+        return struct.unpack_from(">I", payload)[0], handle, b""
+    return 0, handle, payload[8:] if kind == 1 else b""
