@@ -15,6 +15,14 @@ flush of a FUA request, `cache`, and BLOCK_STATUS (its
 dirty-bitmap look-ups may wait on the engine). At most MAX_BLOCKING such requests per
 connection; then the reader waits for a slot.
 
+The fast path. A client that pipelines small reads (fio, a guest's random reads) sends
+many request headers in one segment. Before parsing the next request the general way, the
+reader serves the plain READs already in its receive buffer straight from it
+(`reads.serve_buffered_reads`): no coroutine per request, the engine's `pread` inline, the
+reply (data or error) queued. It stops at the first request of any other kind, so requests
+are still served in the order they came. At depth 8 this doubled 4 KiB random reads: the
+chain of per-request coroutines cost more than the `pread`.
+
 Replies go out batched: a reply made inline by the reader waits in the wire's queue until
 the reader is about to wait for the client (wire.py, Batching); a child task's reply goes
 out at once, taking the queue along.
