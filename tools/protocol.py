@@ -13,6 +13,9 @@ Requests on one connection are answered in order. A line longer than `MAX_LINE` 
 an `invalid-argument` reply and the connection is closed; any other bad request gets its
 error reply and the connection goes on.
 
+Strings must be text: a request with a `\\udXXX` escape of a lone surrogate anywhere in it
+is refused with `invalid-argument` (no path, name or catalog row can hold one).
+
 `OPS` is the whole schema: operation -> argument -> (type, required). `validate_request`
 checks a decoded message against it at run time; unknown keys and wrong types are refused
 with `invalid-argument`. Checks that need the engine (does the volume exist? is the chunk
@@ -144,6 +147,7 @@ def validate_request(message: Any) -> Request:
     """A checked `Request`, or InvalidArgument naming what is wrong."""
     if not isinstance(message, dict):
         raise InvalidArgument("malformed request: expected a JSON object")
+    _check_text(message)
     unknown = sorted(set(message) - REQUEST_KEYS)
     if unknown:
         raise InvalidArgument(f"unknown request key(s): {', '.join(unknown)}")
@@ -160,6 +164,19 @@ def validate_request(message: Any) -> Request:
         raise InvalidArgument(f'{op}: "args" must be a JSON object')
     validate_args(op, args)
     return Request(rid, op, args)
+
+
+def _check_text(message: dict[str, Any]) -> None:
+    """Every string (key or value) is text. JSON can escape a lone surrogate ("\\ud800"),
+    which UTF-8 cannot encode: the engine failed on one in a path with an internal error."""
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            "malformed request: a string holds a lone surrogate (a \\ud800-\\udfff escape)"
+        ) from None
+    except RecursionError:  # the decoder let it through a few frames higher up the stack
+        raise InvalidArgument("malformed request: nested too deeply") from None
 
 
 def validate_args(op: str, args: dict[str, Any]) -> None:
