@@ -93,3 +93,15 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(STATE)
+
+# The atheris (libFuzzer) harnesses, by hand: FUZZ_RUNS inputs each (default 100000); the
+# corpus grows in build/fuzz/NAME, a crashing input is saved as build/fuzz/crash-*.
+.PHONY: fuzz
+fuzz: setup
+	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install atheris
+	for name in nbd control; do \
+	  mkdir -p build/fuzz/$$name; \
+	  dict=tests/fuzz/$$name.dict; [ -f $$dict ] && dict=-dict=$$dict || dict=; \
+	  $(PY) tests/fuzz/atheris_$$name.py -runs=$${FUZZ_RUNS:-100000} $$dict \
+	    -artifact_prefix=build/fuzz/ build/fuzz/$$name; \
+	done
