@@ -11,9 +11,14 @@ State per volume, all guarded by the engine lock (the caller holds it for every 
 - `pending`: chunk -> Pending, a preserve under way for E. `old` holds the contents the
   snapshots must keep (served to their reads), `new` the chunk as the origin must become
   (served to origin reads, updated by later writes). The origin itself is untouched until
-  the preserve is durable; then `new` is written to it (commit_preserved).
+  the preserve is durable; then the entry is indexed (commit_preserved) and the preserver
+  writes `new` to the origin outside the lock (`take_ranges`, `write_back`: a slow origin
+  stalls no other I/O), again for what later writes changed meanwhile, and only then
+  drops the pending preserve (`finish_preserve`). Until then origin reads and writes still
+  use `new`, and snapshot reads find the entry: none of them reads that chunk's origin.
 
-A chunk in epoch E is in exactly one of: done, pending, or neither. "Neither" writes go
+A chunk in epoch E is done, pending, or neither; done and pending only between the
+indexing and the end of the write-back. "Neither" writes go
 through `needs_preserve`: a live snapshot S needs c's current contents iff
 p < epoch(S) <= E, where p is the epoch of c's newest entry (all entries are < E here).
 
@@ -84,11 +89,18 @@ class Pending:
         else:
             self.dirty.append([start, end, how])
 
-    def write_back(self, origin: Origin, base: int) -> None:
-        """Replay the overlay's ranges on the origin, in order: data from `new` (its final
-        contents), zeroed ranges as zeroing (a hole where the volume is sparse)."""
+    def take_ranges(self) -> list[list[int]]:
+        """The ranges written so far, to be replayed on the origin; later writes start a new
+        list (lock held)."""
+        ranges, self.dirty = self.dirty, []
+        return ranges
+
+    def write_back(self, origin: Origin, base: int, ranges: list[list[int]]) -> None:
+        """Replay `ranges` on the origin, in order: data from `new` (its contents now; a
+        later write to it is in a later list of ranges, replayed after), zeroed ranges as
+        zeroing (a hole where the volume is sparse)."""
         faults.hit("origin.write")
-        for start, end, how in self.dirty:
+        for start, end, how in ranges:
             if how == DATA:
                 origin.pwrite(base + start, memoryview(self.new)[start:end])
             else:
@@ -336,7 +348,7 @@ class CowVolume:
             self.origin.pwrite(offset, memoryview(data)[skip : skip + length])
 
     def commit_preserved(self, pending: Pending) -> bool:
-        """The preserve is durable: index it, write the overlay to the origin.
+        """The preserve is durable: index it (the preserver then writes the overlay back).
 
         Returns False when no live snapshot needs the new entry (its snapshot was deleted
         while the preserve ran): the caller frees it.
@@ -345,23 +357,23 @@ class CowVolume:
         entries.append((pending.epoch, pending.slot, pending.hash))
         self.changed.add(pending.chunk)
         self.done.add(pending.chunk)
-        self._write_back(pending)
         return self.entry_needed(entries, len(entries) - 1)
 
-    def abandon_preserve(self, pending: Pending) -> None:
-        """The preserve failed: the write still reaches the origin (it was acknowledged)."""
-        self._write_back(pending)
-
-    def _write_back(self, pending: Pending) -> None:
-        """The overlay to the origin, and out of the overlay. An origin error here (the
-        write was acknowledged long ago) is kept for the next FLUSH to report."""
+    def write_back(self, pending: Pending, ranges: list[list[int]]) -> OSError | None:
+        """Replay `ranges` of the overlay on the origin (no lock needed: the chunk is
+        pending, so nothing else reads or writes its origin bytes). Returns the origin's
+        error, which the caller keeps for the next FLUSH (the write was acknowledged)."""
         try:
-            pending.write_back(self.origin, pending.chunk * self.chunk_size)
+            pending.write_back(self.origin, pending.chunk * self.chunk_size, ranges)
         except OSError as e:
-            if self.origin_error is None:
-                self.origin_error = e
-        finally:
-            del self.pending[pending.chunk]
+            return e
+        return None
+
+    def finish_preserve(self, pending: Pending, error: OSError | None) -> None:
+        """The overlay is on the origin: out of the overlay (lock held)."""
+        if error is not None and self.origin_error is None:
+            self.origin_error = error
+        del self.pending[pending.chunk]
 
     # --- freeing -------------------------------------------------------------------------
 

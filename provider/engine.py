@@ -550,13 +550,20 @@ class Engine:
                         f"volume {v.name} has {limit} snapshots, its limit: delete some, or "
                         f"raise it with: shadowblk volume set {v.name} --max-snapshots N"
                     )
-            with self._cond:
+            deadline = time.monotonic() + hold_timeout
+            # the lock may be held by a slow write-back of the overlay: bounded too
+            if not self._cond.acquire(timeout=hold_timeout):
+                raise HoldTimeout(_over_hold("writes could not be held", hold_timeout))
+            try:
                 for v in vols:
                     v.held += 1
+            finally:
+                self._cond.release()
             try:
                 attrs = {"auto_release": True} if auto_release else {}
-                deadline = time.monotonic() + hold_timeout
                 snaps = self._commit_set(vols, label, deadline, attrs)
+            except HoldTimeout as exc:
+                raise HoldTimeout(_over_hold(exc.message, hold_timeout)) from None
             finally:
                 with self._cond:
                     for v in vols:
@@ -570,9 +577,10 @@ class Engine:
     ) -> list[Snapshot]:
         self._drain(vols, deadline)
         for v in vols:
+            faults.hit("snapshot.sync")
             v.origin.sync()
         if time.monotonic() > deadline:
-            raise HoldTimeout("writes could not be flushed within the hold limit")
+            raise HoldTimeout("writes could not be flushed")
         faults.hit("snapshot.commit")
         set_id, created = str(uuid.uuid4()), utc_now()
         snaps = [
@@ -626,7 +634,7 @@ class Engine:
             while any(v.pending for v in vols):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise HoldTimeout("pending writes did not drain within the hold limit")
+                    raise HoldTimeout("pending writes did not drain")
                 self._cond.wait(remaining)
 
     def delete_snapshot(self, name: str, *, force: bool = False, invalidate: bool = False) -> None:
@@ -1044,6 +1052,13 @@ VOLUME_COLUMNS = {
     "max_diff", "full_policy", "sparse", "epoch", "next_seq", "created", "legacy_checksums",
     "max_snapshots", "revert_epoch",
 }  # fmt: skip
+
+
+def _over_hold(what: str, limit: float) -> str:
+    return (
+        f"{what} within the hold limit of {limit:g} s: the origin or the diff area is too "
+        "slow (the service's --hold-timeout sets the limit)"
+    )
 
 
 def _entry_fits(

@@ -28,6 +28,7 @@ POINTS = (
     "origin.write",  # before an overlay is written to the origin
     "origin.read",  # before any read of the origin
     "origin.pwrite",  # before any write to the origin (direct, or an overlay's)
+    "snapshot.sync",  # before the origin fdatasync of snapshot creation (writes held)
     "snapshot.commit",  # before a snapshot set's commit (origin synced, writes held)
     "snapshot.committed",  # after it, before the set is live in memory
     "delete.forget",  # before the commit that deletes (or invalidates) a snapshot

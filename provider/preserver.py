@@ -7,8 +7,11 @@ Design notes
   the sequence number it saw (a sequence point), never for an empty queue.
 - The thread takes up to MAX_BATCH preserves at a time (group commit). Outside the lock it
   hashes and writes their data, fdatasyncs each diff area touched, and commits their
-  catalog rows in one transaction. Then, under the lock, each preserve is applied: indexed,
-  its overlay written to the origin (CowVolume.commit_preserved). Never the other order.
+  catalog rows in one transaction. Then, under the lock, each preserve is indexed
+  (CowVolume.commit_preserved). Never the other order. Its overlay is then written to the
+  origin outside the lock (a slow origin must not stall every reader and the hold of
+  snapshot creation), in rounds while later writes change it; the preserve leaves the
+  overlay, and `applied_seq` moves, only once the origin has the overlay's final bytes.
 - A preserve that fails (diff-area I/O error, ENOSPC from its filesystem, a catalog error)
   still lets its write reach the origin: the snapshots that needed the chunk are marked
   invalid instead (DESIGN.md: a diff-area error after the ack invalidates, never drops).
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from . import faults
 from .catalog import Catalog
@@ -34,8 +38,10 @@ from .diffarea import chunk_hash
 log = logging.getLogger("shadowblk.preserver")
 
 MAX_BATCH = 512  # preserves per group commit
+WRITE_BACK_ROUNDS = 3  # rounds of overlay write-back outside the lock before one under it
 
 Freed = dict[CowVolume, list[tuple[int, Entry]]]
+Ranges = list[list[int]]
 
 
 class Gate:
@@ -148,18 +154,55 @@ class Preserver:
             failed = e
             self._invalidate(batch, str(e))
         garbage: Freed = {}
+        with self._locked():
+            for p in batch:
+                self._apply(p, failed, garbage)
+            work = [(p, p.take_ranges()) for p in batch]
+        self._write_back(batch, work)
+        for vol, freed in garbage.items():
+            self._free(vol, freed)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The engine lock, taken through the gate (see Gate)."""
         with self._gate:
             self._cond.acquire()
         try:
-            for p in batch:
-                self._apply(p, failed, garbage)
-                self.overlay_bytes -= len(p.new)
-            self.applied_seq = batch[-1].seq
-            self._cond.notify_all()
+            yield
         finally:
             self._cond.release()
-        for vol, freed in garbage.items():
-            self._free(vol, freed)
+
+    def _write_back(self, batch: list[Pending], work: list[tuple[Pending, Ranges]]) -> None:
+        """The batch's overlays to the origin, outside the engine lock; what later writes
+        changed meanwhile goes in another round, and the last round runs under the lock (a
+        chunk written without pause cannot keep its preserve open). Then the batch leaves
+        the overlay and its sequence number is applied."""
+        errors: dict[int, OSError] = {}
+        for _ in range(WRITE_BACK_ROUNDS):
+            self._write_ranges(work, errors)
+            with self._locked():
+                work = [(p, p.take_ranges()) for p, _ in work if p.dirty]
+                if not work:
+                    self._finish(batch, errors)
+                    return
+        with self._locked():
+            self._write_ranges(work, errors)
+            self._write_ranges([(p, p.take_ranges()) for p, _ in work], errors)
+            self._finish(batch, errors)
+
+    def _write_ranges(self, work: list[tuple[Pending, Ranges]], errors: dict[int, OSError]) -> None:
+        for p, ranges in work:
+            error = p.volume.write_back(p, ranges) if ranges else None
+            if error is not None:
+                errors.setdefault(id(p), error)
+
+    def _finish(self, batch: list[Pending], errors: dict[int, OSError]) -> None:
+        """Lock held."""
+        for p in batch:
+            p.volume.finish_preserve(p, errors.get(id(p)))
+            self.overlay_bytes -= len(p.new)
+        self.applied_seq = batch[-1].seq
+        self._cond.notify_all()
 
     def _persist(self, batch: list[Pending]) -> None:
         """Write and sync the data of a batch, then commit its entries: durable on return."""
@@ -198,9 +241,8 @@ class Preserver:
     def _apply(self, p: Pending, failed: Exception | None, garbage: Freed) -> None:
         vol = p.volume
         if failed is not None:  # its readers were invalidated by _invalidate
-            if p.slot != ZERO:
+            if p.slot != ZERO:  # its write still reaches the origin: it was acknowledged
                 vol.diff.unallocate(p.slot)
-            vol.abandon_preserve(p)
             return
         self._stats["chunks_preserved"] += 1
         if p.slot == ZERO:

@@ -5,9 +5,10 @@ and release).
 The service runs with `serve --hold-timeout 1`. A snapshot exists, so a write to the volume
 needs a preserve; a `delay:` fault then slows that preserve well past the limit (a slow
 diff-area sync: `preserve.sync`; a slow index commit: `preserve.commit`), and `create` is
-asked meanwhile: it must wait for that write to reach the origin, and cannot. (A slow
-`origin.write` is not here: the overlay's write-back runs under the engine lock, so
-`create` waits for it before its hold starts, and then succeeds.)
+asked meanwhile: it must wait for that write to reach the origin, and cannot. A slow
+write-back of that write to the origin (`origin.write`, which runs under the engine lock)
+must not stretch the hold either: `create` waits for the lock at most the hold limit. A
+slow origin fdatasync during creation (`snapshot.sync`) fails it the same way.
 
 Meanwhile a writer thread keeps writing over NBD, some of its writes while the hold is on.
 Checks: the reply is `hold-timeout` with a message naming the hold limit; no snapshot was
@@ -81,7 +82,9 @@ def create(service: Any) -> Any:
         return client.call("snapshot.create", volumes=["v"])
 
 
-@pytest.mark.parametrize("point", ["preserve.sync", "preserve.commit"])
+@pytest.mark.parametrize(
+    "point", ["preserve.sync", "preserve.commit", "origin.write", "snapshot.sync"]
+)
 def test_a_flush_past_the_hold_limit_fails_create_and_loses_no_write(
     service_factory: Any, state_dir: Any, point: str
 ) -> None:
