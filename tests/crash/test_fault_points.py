@@ -1,10 +1,10 @@
 """Crash torture at every named fault point (provider/faults.py, docs/reliability.md).
 
-The load and the checks are test_sigkill's (a writer through NBD, snapshots created and
-deleted, I1-I3 checked against the write log after each restart); here the crash is not a
-SIGKILL at a random moment but `os._exit` at the Nth hit of one named point, armed over
-the control socket. A point not reached within FALLBACK seconds gets a SIGKILL instead;
-every point must have crashed the service itself at least once.
+The load and the checks are crashload.py's and test_sigkill's (a writer through NBD,
+snapshots created and deleted, I1-I3 checked against the write log after each restart); here
+the crash is not a SIGKILL at a random moment but `os._exit` at the Nth hit of one named
+point, armed over the control socket. A point not reached within FALLBACK seconds gets a
+SIGKILL instead; every point must have crashed the service itself at least once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sigkill import BLOCK, BLOCKS, Crasher, writer
+from crashload import BLOCK, BLOCKS, writer
+from test_sigkill import Crasher
 
 from shadowblk.provider.faults import POINTS
 from shadowblk.tools.client import ControlClient

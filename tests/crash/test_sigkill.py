@@ -11,6 +11,9 @@ moment, then restarted, many times. Checked:
 - after every restart every snapshot whose creation was confirmed still exists and reads
   back the very bytes it read right after creation (I1, I3);
 - the origin holds every write acknowledged before the last completed FLUSH (I2).
+
+The load and the write model are crashload.py's (shared with the fault-point and
+power-loss tests).
 """
 
 from __future__ import annotations
@@ -19,123 +22,18 @@ import hashlib
 import itertools
 import os
 import random
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
+from crashload import BLOCK, BLOCKS, Log, check_cut, decode, read_export, writer
 
 from shadowblk.tools.client import ControlClient
 
-BLOCK = 4096
-BLOCKS = 1024  # a 4 MiB volume: 64 chunks of 64 KiB, so chunks are hit again and again
 KILLS = int(os.environ.get("SHADOWBLK_CRASH_KILLS", "24"))
-
-
-def block_image(seq: int, block: int) -> bytes:
-    return struct.pack("<QQ", seq, block) * (BLOCK // 16)
-
-
-def decode(image: bytes) -> list[int]:
-    """The write sequence number each block holds (0: never written); checks placement."""
-    seqs = []
-    for b in range(BLOCKS):
-        raw = image[b * BLOCK : (b + 1) * BLOCK]
-        seq, block = struct.unpack_from("<QQ", raw)
-        if raw != block_image(seq, block) or (seq and block != b):
-            if raw == bytes(BLOCK):
-                seqs.append(0)
-                continue
-            raise AssertionError(f"block {b} holds a torn or misplaced image (seq {seq}, {block})")
-        seqs.append(seq)
-    return seqs
-
-
-@dataclass
-class Log:
-    """Every write and flush, stamped with a global event counter."""
-
-    clock: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # seq -> (block, issued, acked)
-    writes: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    started_at: int = 0  # event time of the service's last start
-    incarnations: list[int] = field(default_factory=list)  # every started_at
-    # flushes that completed, per service incarnation (its started_at): the latest start.
-    # A write acknowledged before it survives; one acknowledged in an earlier incarnation
-    # and never flushed there may have died in the overlay with that process.
-    flushed_at: dict[int, int] = field(default_factory=dict)
-
-    def now(self) -> int:
-        with self.lock:
-            return next(self.clock)
-
-    def record(self, seq: int, write: tuple[int, int, int]) -> None:
-        with self.lock:
-            self.writes[seq] = write
-
-    def copy_writes(self) -> dict[int, tuple[int, int, int]]:
-        """A copy to walk while the writer thread goes on recording."""
-        with self.lock:
-            return dict(self.writes)
-
-
-def writer(uri: str, log: Log, seqs: itertools.count[int], stop: threading.Event) -> None:
-    """Write random blocks until the connection dies or `stop` is set."""
-    h = nbd.NBD()
-    rnd = random.Random()
-    incarnation = log.started_at
-    try:
-        h.connect_uri(uri)
-        n = 0
-        while not stop.is_set():
-            seq, block = next(seqs), rnd.randrange(BLOCKS)
-            issued = log.now()
-            log.record(seq, (block, issued, 0))
-            h.pwrite(block_image(seq, block), block * BLOCK)
-            log.record(seq, (block, issued, log.now()))
-            n += 1
-            if n % 50 == 0:
-                start = log.now()
-                h.flush()
-                log.flushed_at[incarnation] = start
-    except nbd.Error:
-        return  # the service was killed under us
-    finally:
-        del h
-
-
-def check_cut(
-    seqs: list[int], log: Log, baseline: list[int], requested: int, returned: int, name: str
-) -> None:
-    """Every block of a snapshot holds a write consistent with when it was taken.
-
-    `baseline` is the origin as the service found it at its last start (what survived the
-    crash); writes acknowledged since then, before the create was requested, must be in.
-    """
-    latest_acked = dict(enumerate(baseline))
-    writes = log.copy_writes()
-    for seq, (block, issued, acked) in writes.items():
-        if acked and acked < requested and issued > log.started_at:
-            latest_acked[block] = max(latest_acked[block], seq)
-    for b, seq in enumerate(seqs):
-        assert seq >= latest_acked.get(b, 0), f"{name}: block {b} lost write {latest_acked[b]}"
-        if seq:
-            block, issued, _acked = writes[seq]
-            assert issued < returned, f"{name}: block {b} holds write {seq}, issued after create"
-
-
-def read_export(uri: str) -> bytes:
-    h = nbd.NBD()
-    try:
-        h.connect_uri(uri)
-        return h.pread(BLOCKS * BLOCK, 0)
-    finally:
-        h.shutdown()
 
 
 class Crasher:
