@@ -84,7 +84,7 @@ bench: setup
 
 # the long crash runs (make test runs a bounded round of each): docs/reliability.md
 torture: setup
-	SHADOWBLK_CRASH_KILLS=$${KILLS:-300} SHADOWBLK_FAULT_ROUNDS=$${ROUNDS:-40} \
+	SHADOWBLK_CRASH_KILLS=$${KILLS:-300} SHADOWBLK_FAULT_ROUNDS=$${ROUNDS:-40} SHADOWBLK_POWERLOSS_STATES=$${STATES:-3000} \
 	SHADOWBLK_CRASH_SEED=$${SEED:-$$(date +%s)} $(VENV)/bin/pytest -q tests/crash
 
 clean:
