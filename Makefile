@@ -26,7 +26,8 @@ help:
 	@echo "make test       lint (ruff, mypy), then pytest"
 	@echo "make lint       ruff check and mypy only"
 	@echo "make bench      the benchmark against nbdkit and qemu-nbd, into bench-out/"
-	@echo "make torture    the long crash runs (KILLS=300 ROUNDS=40 SEED=...)"
+	@echo "make torture    the long crash runs (KILLS=300 ROUNDS=40 STATES=3000 SEED=...)"
+	@echo "make fuzz       the atheris fuzzers, by hand (FUZZ_RUNS=100000)"
 	@echo "make clean      remove caches and build output; distclean also .venv and $(STATE)"
 
 setup: packages $(STAMP)
