@@ -181,13 +181,15 @@ class Preserver:
         for _ in range(WRITE_BACK_ROUNDS):
             self._write_ranges(work, errors)
             with self._locked():
-                work = [(p, p.take_ranges()) for p, _ in work if p.dirty]
+                # every preserve of the batch: one written back in an earlier round may
+                # have been written to again since
+                work = [(p, p.take_ranges()) for p in batch if p.dirty]
                 if not work:
                     self._finish(batch, errors)
                     return
         with self._locked():
             self._write_ranges(work, errors)
-            self._write_ranges([(p, p.take_ranges()) for p, _ in work], errors)
+            self._write_ranges([(p, p.take_ranges()) for p in batch if p.dirty], errors)
             self._finish(batch, errors)
 
     def _write_ranges(self, work: list[tuple[Pending, Ranges]], errors: dict[int, OSError]) -> None:

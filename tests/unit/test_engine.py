@@ -754,3 +754,49 @@ def test_a_failed_preserve_invalidates_durably_before_the_write_lands(
     assert read(engine, "v", 4096, 4096) == b"n" * 4096
     with pytest.raises(DamagedData):
         read(engine, "v@1", 0, 4096)
+
+
+def test_a_write_during_the_write_back_of_its_batch_reaches_the_origin(engine: Engine) -> None:
+    # Regression: overlays are written back outside the engine lock, in rounds while later
+    # writes change them. A chunk already written back in round 1 and written to again
+    # during round 2 (while another chunk of its batch went again) was dropped from the
+    # overlay with its last write never on the origin. The write-back is observed through
+    # the volume's own method: its calls stage the writes at those exact moments.
+    engine.create_volume("v", size=1 << 20)
+    old = os.urandom(1 << 20)
+    write(engine, "v", 0, old)
+    engine.create_snapshot_set(["v"])
+    vol = engine._volumes["v"]
+    a, b = 4 * CHUNK, 9 * CHUNK
+    new_a, new_b, again_a, again_b = (os.urandom(4096) for _ in range(4))
+    real_write_back = vol.write_back
+    rounds_of_a: list[int] = []
+
+    def staged(pending: Any, ranges: Any) -> Any:
+        if pending.chunk * CHUNK == a:
+            rounds_of_a.append(1)
+            if len(rounds_of_a) == 1:
+                write(engine, "v", a, again_a)  # a goes again in round 2
+            elif len(rounds_of_a) == 2:
+                write(engine, "v", b, again_b)  # b was written back in round 1
+        return real_write_back(pending, ranges)
+
+    vol.write_back = staged  # type: ignore[method-assign]
+    faults.arm("preserve.write=delay:300")  # the first batch waits: a and b queue together
+    try:
+        write(engine, "v", 0, b"z" * 4096)
+        write(engine, "v", a, new_a)
+        write(engine, "v", b, new_b)
+        engine.flush()
+    finally:
+        faults.disarm()
+        vol.write_back = real_write_back  # type: ignore[method-assign]
+    assert len(rounds_of_a) >= 2, "a was not written back twice: the scene did not happen"
+    fd = os.open(vol.origin.path, os.O_RDONLY)  # the origin file itself, not the engine
+    try:
+        assert os.pread(fd, 4096, a) == again_a
+        assert os.pread(fd, 4096, b) == again_b, "a write acknowledged before a FLUSH was lost"
+    finally:
+        os.close(fd)
+    assert read(engine, "v@1", a, 4096) == old[a : a + 4096]
+    assert check_consistency(engine) == []
