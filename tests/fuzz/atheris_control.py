@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
-from pathlib import Path
 from typing import Any
+
+import fuzzmain
 
 try:
     import atheris  # type: ignore[import-not-found]
@@ -120,15 +120,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (libFuzzer's name)
 
 
 def main() -> None:
-    if atheris is None:
-        sys.exit("atheris is not installed: make fuzz installs it into .venv")
-    corpus = [Path(arg) for arg in sys.argv[1:] if not arg.startswith("-")]
-    for directory in corpus:
-        if directory.is_dir() and not any(directory.iterdir()):
-            for number, seed in enumerate(SEEDS):
-                (directory / f"seed-{number}").write_bytes(seed)
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzzmain.run(atheris, SEEDS, TestOneInput)
 
 
 if __name__ == "__main__":

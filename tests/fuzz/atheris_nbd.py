@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fuzzmain
 import trio
 
 try:
@@ -263,16 +264,8 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (libFuzzer's name)
 
 
 def main() -> None:
-    if atheris is None:
-        sys.exit("atheris is not installed: make fuzz installs it into .venv")
     logging.getLogger("shadowblk").setLevel(logging.ERROR)  # quiet: errors are findings
-    corpus = [Path(arg) for arg in sys.argv[1:] if not arg.startswith("-")]
-    for directory in corpus:
-        if directory.is_dir() and not any(directory.iterdir()):
-            for number, seed in enumerate(SEEDS):
-                (directory / f"seed-{number}").write_bytes(seed)
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzzmain.run(atheris, SEEDS, TestOneInput)
 
 
 if __name__ == "__main__":
