@@ -27,19 +27,13 @@ from .protocol import (
     CMD_FLAG_REQ_ONE,
     CMD_READ,
     CONTEXT_BASE_ALLOCATION,
-    DATA_CHUNK_HEADER,
     MAX_EXTENTS,
     MAX_REQUEST_LENGTH,
     NBD_EINVAL,
     NBD_EIO,
     QEMU_DIRTY_BITMAP,
-    REPLY_FLAG_DONE,
-    REPLY_TYPE_OFFSET_DATA,
     REQUEST,
     REQUEST_MAGIC,
-    SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
     Buffer,
     Request,
     RequestError,
@@ -103,12 +97,9 @@ def serve_buffered_reads(t: Transmission) -> bool:
                 break
             continue
         if structured:
-            header = DATA_CHUNK_HEADER.pack(
-                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle,
-                8 + length, offset,
-            )  # fmt: skip
+            header = encode_data_header(handle, offset, length, done=True)
         else:
-            header = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+            header = encode_simple_reply(0, handle)
         if not wire.queue_nowait(header, data):
             break
     t.counters["requests_served"] += served

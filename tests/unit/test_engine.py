@@ -38,13 +38,6 @@ from shadowblk.provider.fsck import check_consistency
 CHUNK = 65536
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine.open(tmp_path / "state")
-    yield eng
-    eng.close()
-
-
 def write(engine: Engine, name: str, offset: int, data: bytes) -> None:
     dev = engine.open_export(name)
     try:

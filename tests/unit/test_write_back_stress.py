@@ -22,11 +22,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from shadowblk.provider.engine import Engine
 from shadowblk.provider.fsck import check_consistency
@@ -39,13 +35,6 @@ SECONDS = 3.0
 SIZE = CHUNKS * CHUNK
 SLOW_WRITE_BACK = 0.0003  # seconds added to each overlay's write-back
 PAUSE = 0.005  # at most this long between two writes of a writer
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine.open(tmp_path / "state")
-    yield eng
-    eng.close()
 
 
 def writer(engine: Engine, index: int, stop: threading.Event, last: dict[int, bytes]) -> None:
