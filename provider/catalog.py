@@ -7,8 +7,13 @@ Design notes
 - The connection is shared by the service's threads; `transaction()` serializes writers
   with a lock, and readers take the same lock (they are rare: the engine keeps the index in
   memory and reads the catalog only at open).
+- WAL checkpoints never run in a commit: SQLite's automatic checkpoint (copying the WAL
+  into the database and fsyncing it, tens of milliseconds under load) would land on
+  whichever commit crossed its threshold, a preserve batch or a snapshot set's. The
+  service calls `checkpoint` from a background thread instead (PASSIVE, on a connection
+  of its own: it neither waits for nor blocks a writer); closing checkpoints the rest.
 - The format version lives in `meta`; an unknown newer version is refused, older ones are
-  migrated in `_migrate` (none yet: version 1 is the first).
+  migrated in `_migrate`.
 
 The byte-level layout of the diff area and the crash ordering are in docs/format.md.
 """
@@ -17,13 +22,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FormatError
 
-FORMAT_VERSION = 4  # 2: per-4 KiB-block checksums; 3: max_snapshots; 4: revert_epoch
+FORMAT_VERSION = 5  # 2: per-4 KiB-block checksums; 3: max_snapshots; 4: revert_epoch;
+# 5: origin journals in the diff areas (an older shadowblk would not replay them)
 
 SCHEMA = """
 CREATE TABLE meta (
@@ -88,6 +94,9 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self.commits = 0  # transactions committed, for the background checkpoint
+        self.on_commit: Callable[[], None] | None = None  # told after each commit
+        self._ckpt_db: sqlite3.Connection | None = None
         try:
             self.db = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=30
@@ -103,6 +112,7 @@ class Catalog:
             raise FormatError(f"catalog {self.path}: cannot enable WAL mode (got {mode})")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # see `checkpoint`
 
     def _check_format(self) -> None:
         tables = {
@@ -131,6 +141,8 @@ class Catalog:
     def _migrate(self, version: int) -> None:
         """Bring an older catalog to FORMAT_VERSION, in one transaction.
 
+        4 -> 5: nothing in the catalog; from 5 on, a volume's origin may be current only
+        with its journal replayed (provider/journal.py), which the engine creates at open.
         3 -> 4: volumes.revert_epoch (NULL: no revert under way).
         2 -> 3: volumes.max_snapshots (default 512, as before).
         1 -> 2: checksums became per 4 KiB block. The catalog cannot recompute them (the
@@ -165,6 +177,19 @@ class Catalog:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit()
+
+    def checkpoint(self) -> None:
+        """Copy the committed WAL into the database, durably, without blocking commits
+        (PRAGMA wal_checkpoint(PASSIVE) on a connection of its own). One caller thread."""
+        if self._ckpt_db is None:
+            self._ckpt_db = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=30
+            )
+            self._ckpt_db.execute("PRAGMA synchronous=FULL")
+        self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -183,7 +208,10 @@ class Catalog:
             yield from cur
 
     def close(self) -> None:
+        """Close (the last connection to close checkpoints the whole WAL)."""
         with self._lock:
+            if self._ckpt_db is not None:
+                self._ckpt_db.close()
             self.db.close()
 
 

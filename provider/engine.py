@@ -74,6 +74,7 @@ from .errors import (
 )
 from .exports import OriginDevice, SnapshotDevice
 from .fileio import flock_exclusive, pread_full
+from .journal import NAME as JOURNAL
 from .origin import Origin
 from .preserver import Gate, Preserver
 from .volumes import (
@@ -117,7 +118,10 @@ class Engine:
         self.stats = {
             "commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0, "flushes": 0
         }  # fmt: skip
-        self._writeback = Writeback(lambda: [v.origin for v in list(self._volumes.values())])
+        self._writeback = Writeback(
+            lambda: [v.origin for v in list(self._volumes.values())], catalog
+        )
+        catalog.on_commit = self._writeback.poke
         self._gate = Gate()  # lets the preserver take `_lock` between inline I/O calls
         self._preserver = Preserver(self._cond, self._gate, catalog, self._free, self.stats)
 
@@ -163,7 +167,7 @@ class Engine:
         self._preserver.stop()
         self._writeback.stop()
         for vol in self._volumes.values():
-            vol.origin.sync()
+            vol.origin.checkpoint()
             vol.origin.close()
             vol.diff.close()
         self._volumes.clear()
@@ -201,6 +205,7 @@ class Engine:
 
     def _open_volume(self, row: Any) -> CowVolume:
         origin = Origin.open(Path(row["origin"]))
+        diff = None
         try:
             if origin.size < row["size"]:
                 raise InvalidArgument(
@@ -208,9 +213,15 @@ class Engine:
                     f"{row['size']}"
                 )
             diff = DiffArea(Path(row["diff_area"]), row["uuid"], row["chunk_size"])
+            records, nbytes = origin.attach_journal(diff.path / JOURNAL, row["uuid"])
         except BaseException:
             origin.close()
+            if diff is not None:
+                diff.close()
             raise
+        if records:
+            log.warning("volume %s: replayed %d journal records (%d bytes) onto the origin",
+                        row["name"], records, nbytes)  # fmt: skip
         vol = CowVolume(row, origin, diff)
         origin.on_dirty = self._writeback.poke
         try:
@@ -436,7 +447,7 @@ class Engine:
             reads.finish()  # DamagedData: the revert stops here, resumable once repaired
             vol.origin.pwrite(chunk * vol.chunk_size, data)
         faults.hit("revert.sync")
-        vol.origin.sync()
+        vol.origin.checkpoint()  # the copies on the origin itself: no replay goes before them
         faults.hit("revert.commit")
         with self._lock:
             freed = [(c, e) for c, entries in vol.index.items() for e in entries if e[0] >= epoch]
@@ -480,7 +491,7 @@ class Engine:
                 t.execute("DELETE FROM volumes WHERE id=?", (vol.id,))
             with self._lock:
                 del self._volumes[name]
-            vol.origin.sync()
+            vol.origin.checkpoint()
             discard_origin(vol.origin, bool(vol.row["owned"]))
             vol.diff.close()
             shutil.rmtree(vol.diff.path, ignore_errors=True)

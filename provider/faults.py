@@ -28,7 +28,7 @@ POINTS = (
     "origin.write",  # before an overlay is written to the origin
     "origin.read",  # before any read of the origin
     "origin.pwrite",  # before any write to the origin (direct, or an overlay's)
-    "snapshot.sync",  # before the origin fdatasync of snapshot creation (writes held)
+    "snapshot.sync",  # before snapshot creation makes the origin durable (writes held)
     "snapshot.commit",  # before a snapshot set's commit (origin synced, writes held)
     "snapshot.committed",  # after it, before the set is live in memory
     "delete.forget",  # before the commit that deletes (or invalidates) a snapshot
@@ -38,7 +38,11 @@ POINTS = (
     "revert.copy",  # before each chunk a revert copies back
     "revert.sync",  # after the copy, before the origin's fdatasync
     "revert.commit",  # after it, before the commit that ends the revert
-    "flush.sync",  # before a flush's origin fdatasync
+    "flush.sync",  # before a flush makes the origin durable (journal fdatasync or checkpoint)
+    "journal.append",  # before a write's record is appended to the origin journal
+    "journal.sync",  # before the origin journal's fdatasync
+    "checkpoint.sync",  # before a checkpoint's fdatasync of the origin
+    "checkpoint.advance",  # after it, before the journal's start moves past what it covered
 )
 _ERRORS = {"eio": errno.EIO, "enospc": errno.ENOSPC}
 _armed: dict[str, tuple[str, int]] = {}  # point -> (action, hits left before it fires)

@@ -4,13 +4,22 @@ An origin is opened once by the engine and locked for as long as it is open: an 
 on a regular file, O_EXCL on a block device (the kernel refuses a second exclusive open and
 any mount of it). Writes that bypass shadowblk would corrupt snapshots: the lock keeps other
 shadowblk services out; the README warns everyone else.
+
+Durability goes through the volume's journal (provider/journal.py) once one is attached:
+every write of the origin is also appended there, under one lock so a block's records are
+in the order its writes happened, and `sync` is then an fdatasync of the journal. A write
+the journal does not take makes the next `sync` a `checkpoint`: an fdatasync of the origin
+itself, after which the journal's start moves past everything it covered.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +37,9 @@ from .fileio import (
     zero_block_range,
     zero_file_range,
 )
+from .journal import DATA, PUNCH, ZERO, Journal, Record
+
+log = logging.getLogger(__name__)
 
 
 class Origin:
@@ -40,6 +52,14 @@ class Origin:
         self.size = size
         self.dirty = False  # written since the last start_writeback
         self.on_dirty: Callable[[], None] | None = None  # told when `dirty` becomes true
+        self.journal: Journal | None = None
+        self._jlock = threading.Lock()  # an origin write and its record, in one order
+        self._ckpt_lock = threading.Lock()  # one checkpoint at a time
+        self._unlogged = 0  # writes the journal did not take
+        self._covered = 0  # how many of those a completed checkpoint made durable
+        self.checkpointed = time.monotonic()  # when the last checkpoint ended
+        self._error: OSError | None = None  # a background checkpoint's, for the next sync
+        self.closed = False
 
     @classmethod
     def open(cls, path: Path) -> Origin:
@@ -105,7 +125,12 @@ class Origin:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         faults.hit("origin.pwrite")
-        pwrite_full(self.fd, data, offset)
+        with self._jlock:
+            pwrite_full(self.fd, data, offset)
+            self._log(DATA, offset, len(data), data)
+        self._dirtied()
+
+    def _dirtied(self) -> None:
         if not self.dirty:
             self.dirty = True
             if self.on_dirty is not None:
@@ -114,17 +139,37 @@ class Origin:
     def start_writeback(self) -> None:
         """If written since the last call, start writing the dirty pages back (see
         `engine.Writeback`)."""
-        if self.dirty:
+        if self.dirty and not self.closed:
             self.dirty = False
             start_writeback(self.fd)
 
     def zero(self, offset: int, length: int, *, punch: bool) -> None:
         """Make a range read as zeroes: BLKZEROOUT on a block device (never a discard),
         a punched hole (`punch`) or an allocated zero range on a file."""
+        with self._jlock:
+            self._zero(offset, length, punch)
+            self._log(PUNCH if punch else ZERO, offset, length, None)
+        self._dirtied()
+
+    def _zero(self, offset: int, length: int, punch: bool) -> None:
         if self.kind == "block":
             zero_block_range(self.fd, offset, length)
         else:
             zero_file_range(self.fd, offset, length, punch=punch)
+
+    def _log(
+        self, kind: int, offset: int, length: int, data: bytes | bytearray | memoryview | None
+    ) -> None:
+        """Append the record of a write just made (`_jlock` held); count it as unlogged
+        if the journal does not take it."""
+        if self.journal is not None:
+            try:
+                if self.journal.append(kind, offset, length, data):
+                    return
+            except OSError as e:  # the origin has the write: the next sync checkpoints
+                log.error("origin %s: journal append failed (%s): the next sync checkpoints",
+                          self.path, e)  # fmt: skip
+        self._unlogged += 1
 
     def extents(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
         """(start, length, is_data) runs: holes of a file read as zeroes; a block device is
@@ -136,8 +181,89 @@ class Origin:
     def advise_willneed(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
+    def attach_journal(self, path: Path, volume_uuid: str) -> tuple[int, int]:
+        """Open (or create) the journal at `path`, replay it onto the origin, make the
+        origin durable, start the journal's next generation and log every later write
+        there. Before anything reads the origin. Returns (records, bytes) replayed."""
+        if path.exists():
+            journal = Journal.open(path, volume_uuid)
+        else:
+            journal = Journal.create(path, volume_uuid, self.size)
+        try:
+            replayed = journal.replay(self._apply, self.size)
+            os.fdatasync(self.fd)
+            journal.restart()
+        except BaseException:
+            journal.close()
+            raise
+        self.journal = journal
+        return replayed
+
+    def _apply(self, record: Record) -> None:
+        if record.kind == DATA:
+            assert record.data is not None
+            pwrite_full(self.fd, record.data, record.offset)
+        else:
+            self._zero(record.offset, record.length, record.kind == PUNCH)
+
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        """Every write made before this call is durable on return: an fdatasync of the
+        journal, or a checkpoint if a write bypassed it. A background checkpoint's failure
+        is raised here, once, as a disk reports a failed writeback."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        with self._jlock:
+            journal = None if self._unlogged > self._covered else self.journal
+        if journal is None:
+            self.checkpoint()
+        else:
+            journal.sync()
+
+    def checkpoint(self) -> None:
+        """Make the origin itself durable, then move the journal's start past every record
+        that sync covered (so a replay never undoes a write the journal did not take)."""
+        with self._ckpt_lock:
+            if self.closed:  # the writeback thread may still hold a removed volume's origin
+                return
+            with self._jlock:
+                cut = self.journal.head if self.journal is not None else 0
+                unlogged = self._unlogged
+            try:
+                faults.hit("checkpoint.sync")
+                os.fdatasync(self.fd)
+                if self.journal is not None and cut != self.journal.start:
+                    faults.hit("checkpoint.advance")
+                    self.journal.advance(cut)
+            finally:
+                self.checkpointed = time.monotonic()
+            self._covered = max(self._covered, unlogged)
+
+    def background_checkpoint(self, age: float) -> None:
+        """A checkpoint, if one is due: the journal is a quarter full, or it (or a write it
+        did not take) has waited `age` seconds since the last. A failure waits for the next
+        `sync` to report it (the records stay in the journal meanwhile)."""
+        journal = self.journal
+        full = journal is not None and journal.used() * 4 >= journal.capacity
+        due = full or time.monotonic() - self.checkpointed >= age
+        if not due or self._error is not None or not self.checkpoint_waiting():
+            return
+        try:
+            self.checkpoint()
+        except OSError as e:
+            log.error("origin %s: checkpoint failed: %s", self.path, e)
+            self._error = e
+
+    def checkpoint_waiting(self) -> bool:
+        """Some write is durable only through the journal, or not yet at all."""
+        journal = self.journal
+        return self._unlogged > self._covered or (journal is not None and journal.used() > 0)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close (the engine checkpoints first when it closes cleanly, so an origin left
+        for others is up to date and its journal empty)."""
+        with self._ckpt_lock:
+            self.closed = True
+            os.close(self.fd)
+            if self.journal is not None:
+                self.journal.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .diffarea import DiffArea
 from .errors import InvalidArgument, Locked
+from .journal import NAME as JOURNAL
 from .origin import Origin
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -108,7 +109,13 @@ def provision(
     except BaseException:
         discard_origin(origin, owned)
         raise
-    return Provisioned(origin, owned, diff)
+    made = Provisioned(origin, owned, diff)
+    try:
+        origin.attach_journal(diff.path / JOURNAL, vid)
+    except BaseException:
+        made.discard()
+        raise
+    return made
 
 
 def discard_origin(origin: Origin, owned: bool) -> None:

@@ -17,6 +17,7 @@ import pytest
 import xxhash
 
 from shadowblk.provider import faults
+from shadowblk.provider.catalog import FORMAT_VERSION
 from shadowblk.provider.diffarea import DATA
 from shadowblk.provider.engine import Engine
 from shadowblk.provider.errors import (
@@ -485,7 +486,8 @@ def test_a_format_1_catalog_is_migrated_to_block_checksums(tmp_path: Path) -> No
     finally:
         engine.close()
     db = sqlite3.connect(tmp_path / "s" / "catalog.db")
-    assert db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone() == ("4",)
+    version = db.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
+    assert version == (str(FORMAT_VERSION),)
     assert db.execute("SELECT legacy_checksums, max_snapshots FROM volumes").fetchall() == [
         (0, 512)
     ]
