@@ -54,7 +54,7 @@ SLOT = 4096  # one header slot
 RING = 2 * SLOT  # where the ring starts
 CAPACITY = 32 * 1024 * 1024  # ring bytes, at most
 MIN_CAPACITY = 1024 * 1024  # ring bytes, at least (a small volume gets 1/16 of its size)
-MAX_DATA = 256 * 1024  # larger writes go to the origin alone
+MAX_DATA = 32 * 1024  # larger writes go to the origin alone (a whole 64 KiB chunk: sequential)
 
 RECORD_MAGIC = 0x4C524253  # "SBRL"
 DATA, ZERO, PUNCH, WRAP = 1, 2, 3, 4
