@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shadowblk.provider import faults
 from shadowblk.provider import journal as journal_mod
 from shadowblk.provider.errors import FormatError
 from shadowblk.provider.fileio import pread_full
@@ -156,6 +157,21 @@ def test_a_full_journal_sends_writes_to_the_origin_and_the_sync_checkpoints(
     assert [pread_full(disk.origin.fd, 1, i * BLOCK)[0] for i in range(10)] == [
         0x30 + i for i in range(10)
     ]
+    disk.origin.close()
+
+
+def test_a_failed_append_keeps_the_write_and_the_next_sync_checkpoints(tmp_path: Path) -> None:
+    disk = Disk(tmp_path)
+    faults.arm("journal.append=eio")
+    try:
+        disk.write(2, 1, 0x42)  # the origin has it; the journal does not
+    finally:
+        faults.disarm()
+    assert disk.origin.journal is not None and disk.origin.journal.used() == 0
+    disk.sync()  # must sync the origin itself
+    disk.power_loss(keep=0)
+    disk.reopen()
+    assert pread_full(disk.origin.fd, BLOCK, 2 * BLOCK) == bytes([0x42]) * BLOCK
     disk.origin.close()
 
 
