@@ -117,7 +117,7 @@ class Journal:
                 os.ftruncate(fd, RING + capacity)
             journal = cls(path, fd, uuidlib.UUID(volume_uuid).bytes, capacity)
             journal.generation = 1
-            journal._write_header()
+            journal._write_header(0)
             os.rename(tmp, path)
             fsync_dir(path.parent)
         except BaseException:
@@ -161,12 +161,12 @@ class Journal:
             raise FormatError(f"journal {self.path} has an invalid capacity {self.capacity}")
         self.head = self.start
 
-    def _write_header(self) -> None:
-        """Write the next header slot and fdatasync: the new start and generation are
-        durable on return."""
+    def _write_header(self, start: int) -> None:
+        """Write the next header slot, with `start`, and fdatasync: it and the generation
+        are durable on return."""
         self._seq += 1
         body = _HEADER.pack(
-            MAGIC, VERSION, self.generation, self._seq, self.start, self.capacity, self._uuid
+            MAGIC, VERSION, self.generation, self._seq, start, self.capacity, self._uuid
         )
         block = (body + _checksum(body, None)).ljust(SLOT, b"\0")
         os.pwrite(self.fd, block, (self._seq % 2) * SLOT)
@@ -214,8 +214,8 @@ class Journal:
         """After a replay and an fdatasync of the origin: an empty journal of the next
         generation, starting where the replay ended (durable on return)."""
         self.generation = (self.generation + 1) & 0xFFFFFFFF or 1
+        self._write_header(self.head)
         self.start = self.head
-        self._write_header()
 
     # --- running -------------------------------------------------------------------------
 
@@ -236,6 +236,11 @@ class Journal:
         if lsn + waste + size - self.start > self.capacity:
             return False
         faults.hit("journal.append")
+        if isinstance(data, bytearray) or isinstance(data, memoryview) and not data.readonly:
+            # an overlay's write-back passes the overlay itself, which a later write may
+            # change while the record is checksummed and written: a record whose bytes do
+            # not match its checksum would end every replay there
+            data = bytes(data)
         if waste:
             if room >= RECORD_HEADER:
                 self._write(WRAP, 0, 0, None, lsn, [])
@@ -266,9 +271,11 @@ class Journal:
         os.fdatasync(self.fd)
 
     def advance(self, start: int) -> None:
-        """The origin is durable up to the record at `start`: replays begin there now."""
+        """The origin is durable up to the record at `start`: replays begin there now.
+        The ring before `start` is free for new records only once the header saying so is
+        durable (a replay from the older header must still find the records after it)."""
+        self._write_header(start)
         self.start = start
-        self._write_header()
 
     def close(self) -> None:
         os.close(self.fd)

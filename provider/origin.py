@@ -60,6 +60,7 @@ class Origin:
         self.checkpointed = time.monotonic()  # when the last checkpoint ended
         self._error: OSError | None = None  # a background checkpoint's, for the next sync
         self.closed = False
+        self._append_failing = False
 
     @classmethod
     def open(cls, path: Path) -> Origin:
@@ -165,10 +166,13 @@ class Origin:
         if self.journal is not None:
             try:
                 if self.journal.append(kind, offset, length, data):
+                    self._append_failing = False
                     return
             except OSError as e:  # the origin has the write: the next sync checkpoints
-                log.error("origin %s: journal append failed (%s): the next sync checkpoints",
-                          self.path, e)  # fmt: skip
+                if not self._append_failing:  # once per run of failures, not per write
+                    log.error("origin %s: journal append failed (%s): syncs checkpoint "
+                              "until it works again", self.path, e)  # fmt: skip
+                self._append_failing = True
         self._unlogged += 1
 
     def extents(self, offset: int, end: int) -> list[tuple[int, int, bool]]:

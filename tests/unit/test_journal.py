@@ -8,6 +8,7 @@ its own file descriptor, a path that does not go through the journal.
 
 from __future__ import annotations
 
+import errno
 import random
 import uuid
 from pathlib import Path
@@ -172,6 +173,57 @@ def test_a_failed_append_keeps_the_write_and_the_next_sync_checkpoints(tmp_path:
     disk.power_loss(keep=0)
     disk.reopen()
     assert pread_full(disk.origin.fd, BLOCK, 2 * BLOCK) == bytes([0x42]) * BLOCK
+    disk.origin.close()
+
+
+def test_a_record_stays_whole_when_its_buffer_changes_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overlay's write-back hands the journal the overlay itself, which a later write
+    may change meanwhile: the record must still match its checksum, or every replay ends
+    there and loses the records after it."""
+    disk = Disk(tmp_path)
+    overlay = bytearray([0x10]) * BLOCK
+    real = journal_mod.os.pwritev
+
+    def racing(fd: int, buffers: list[bytes], offset: int) -> int:
+        overlay[:] = bytes([0x20]) * BLOCK  # the later write, between checksum and write
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(journal_mod.os, "pwritev", racing)
+    disk.origin.pwrite(0, memoryview(overlay))
+    monkeypatch.undo()
+    disk.origin.pwrite(BLOCK, bytes([0x30]) * BLOCK)
+    disk.sync()  # (checked below by hand: Disk did not see these two writes)
+    disk.power_loss(keep=0)
+    disk.reopen()
+    assert pread_full(disk.origin.fd, BLOCK, BLOCK) == bytes([0x30]) * BLOCK
+    assert pread_full(disk.origin.fd, BLOCK, 0) in (bytes([0x10]) * BLOCK, bytes([0x20]) * BLOCK)
+    disk.origin.close()
+
+
+def test_a_checkpoint_whose_header_fails_frees_no_ring_space(
+    tmp_path: Path, small: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(tmp_path)
+    for i in range(3):
+        disk.write(i, 1, 0x50 + i)
+    disk.sync()
+
+    def failing(self: Journal, start: int) -> None:
+        raise OSError(errno.EIO, "injected header write failure")
+
+    monkeypatch.setattr(Journal, "_write_header", failing)
+    with pytest.raises(OSError, match="injected"):
+        disk.origin.checkpoint()  # the origin's fdatasync succeeded, the header did not
+    monkeypatch.undo()
+    disk.durable = (disk.origin_path.read_bytes(), disk.durable[1])
+    for i in range(3, 8):  # would lap over the first three if their space counted as free
+        disk.write(i, 1, 0x50 + i)
+    disk.sync()
+    disk.power_loss(keep=0)
+    disk.reopen()
+    disk.check()
     disk.origin.close()
 
 
