@@ -1,10 +1,10 @@
-"""Origin writeback: keep the origins' dirty pages moving to disk between syncs.
+"""Origin writeback: keep the origins' dirty pages moving to disk between checkpoints.
 
-Snapshot creation and FLUSH fdatasync the origin, and an fdatasync costs what is dirty
-(about 40 µs per scattered 4 KiB page on the disks here): under a steady write load, a
-creation paid for every page written since the previous one. This thread starts the
-writeback of a written origin (sync_file_range WRITE: asynchronous, no durability promise)
-at most every INTERVAL, so an fdatasync finds little left to write, as RocksDB's
+FLUSH and snapshot creation sync an origin's journal (provider/journal.py); the origin
+itself is made durable by a checkpoint, an fdatasync that costs what is dirty (about 40 µs
+per scattered 4 KiB page on the disks here). This thread starts the writeback of a written
+origin (sync_file_range WRITE: asynchronous, no durability promise) at most every INTERVAL,
+so a checkpoint (or a sync that must checkpoint) finds little left to write, as RocksDB's
 bytes_per_sync does for its files. Durability is unchanged: only fdatasync promises.
 
 The same thread runs the origins' checkpoints (provider/journal.py): when a journal is a
