@@ -243,10 +243,9 @@ class Journal:
             data = bytes(data)
         if waste:
             if room >= RECORD_HEADER:
-                self._write(WRAP, 0, 0, None, lsn, [])
+                self._write(WRAP, 0, 0, None, lsn)
             lsn += waste
-        parts = [] if data is None else [data]
-        self._write(kind, offset, length, data, lsn, parts)
+        self._write(kind, offset, length, data, lsn)
         self.head = lsn + size
         return True
 
@@ -257,11 +256,12 @@ class Journal:
         length: int,
         data: bytes | bytearray | memoryview | None,
         lsn: int,
-        parts: list[bytes | bytearray | memoryview],
     ) -> None:
         header = _RECORD.pack(RECORD_MAGIC, kind, 0, self.generation, length, lsn, offset)
-        buffers = [header, _checksum(header, data), *parts]
-        total = RECORD_HEADER + sum(len(p) for p in parts)
+        buffers: list[bytes | bytearray | memoryview] = [header, _checksum(header, data)]
+        if data is not None:
+            buffers.append(data)
+        total = RECORD_HEADER + (0 if data is None else len(data))
         if os.pwritev(self.fd, buffers, RING + lsn % self.capacity) != total:
             raise OSError(errno.ENOSPC, "short write to the origin journal")
 
