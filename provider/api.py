@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 SNAPSHOT_SEPARATOR = "@"
+HOLD_TIMEOUT = 10.0  # seconds snapshot creation may hold writes, at most (DESIGN.md)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class EngineAPI(ExportRegistry, Protocol):
         volumes: list[str],
         *,
         label: str | None = None,
-        hold_timeout: float = 10.0,
+        hold_timeout: float = HOLD_TIMEOUT,
         auto_release: bool = False,
     ) -> list[SnapshotInfo]: ...
 

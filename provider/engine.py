@@ -53,7 +53,7 @@ from typing import Any
 from pyroaring import BitMap64
 
 from . import extents, faults
-from .api import SnapshotInfo, VolumeInfo
+from .api import HOLD_TIMEOUT, SnapshotInfo, VolumeInfo
 from .catalog import Catalog
 from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, zeroes
 from .diffarea import DiffArea, Gather, chunk_hash, legacy_chunk_hash
@@ -544,7 +544,7 @@ class Engine:
         volumes: list[str],
         *,
         label: str | None = None,
-        hold_timeout: float = 10.0,
+        hold_timeout: float = HOLD_TIMEOUT,
         auto_release: bool = False,
     ) -> list[SnapshotInfo]:
         """One snapshot of each volume, all at the same instant, committed atomically (I3).

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from shadowblk.provider.api import EngineAPI, SnapshotInfo
+from shadowblk.provider.api import HOLD_TIMEOUT, EngineAPI, SnapshotInfo
 from shadowblk.provider.errors import (
     Busy,
     InvalidArgument,
@@ -53,7 +53,7 @@ class OpContext:
     stats_sources: Mapping[str, StatsSource] = field(default_factory=dict)
     fuse: Any = None  # the FUSE front-end (shadowblk.mount.frontend), None under --no-fuse
     nbd: Any = None  # the NBD server (for revert --force), None in tests of ops alone
-    hold_timeout: float = 10.0  # seconds a snapshot set may hold writes (serve --hold-timeout)
+    hold_timeout: float = HOLD_TIMEOUT  # seconds a set may hold writes (serve --hold-timeout)
 
     async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run one blocking engine call in a worker thread."""

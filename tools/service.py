@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from shadowblk.provider.api import EngineAPI
+from shadowblk.provider.api import HOLD_TIMEOUT, EngineAPI
 from shadowblk.provider.engine import Engine
 from shadowblk.provider.nbd.server import NBDServer
 from shadowblk.provider.nbd.tls import check_listen_address, server_context
@@ -54,7 +54,7 @@ class ServiceConfig:
     fuse: bool = True  # the FUSE front-end (--no-fuse turns it off)
     fuse_dir: Path | None = None  # default: <state>/fuse
     scrub_interval: float | None = None  # seconds between background verifies; None: off
-    hold_timeout: float = 10.0  # seconds snapshot creation may hold writes (hold-timeout)
+    hold_timeout: float = HOLD_TIMEOUT  # seconds snapshot creation may hold writes (hold-timeout)
 
 
 class Service:

@@ -47,6 +47,19 @@ def test_commands_need_the_service(cli: Cli) -> None:
         assert "no shadowblk service" in one_line(proc.stderr)
 
 
+def test_serve_refuses_a_hold_or_scrub_time_that_is_no_finite_number(
+    cli: Cli, state_dir: Path
+) -> None:
+    """DESIGN.md: writes are held at most 10 s; NaN passes a plain range check."""
+    for option, value in (("--hold-timeout", "nan"), ("--hold-timeout", "inf"),
+                          ("--hold-timeout", "11"), ("--hold-timeout", "0"),
+                          ("--scrub-interval", "nan"), ("--scrub-interval", "inf")):  # fmt: skip
+        proc = cli.run("serve", "--no-fuse", option, value, expect=2, timeout=30)
+        line = one_line(proc.stderr)
+        assert option in line and "Invalid value" in line, line
+    assert not (state_dir / "control.sock").exists()
+
+
 def test_status_answers_with_listeners(service: ServiceProcess) -> None:
     status = service.cli.json("status")
     assert status["listeners"] == {

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from shadowblk.provider.api import HOLD_TIMEOUT
 from shadowblk.provider.errors import ShadowblkError
 
 from ..units import parse_size
@@ -52,6 +54,20 @@ class ListenType(click.ParamType):
         return host, int(port)
 
 
+class Seconds(click.FloatRange):
+    """A FloatRange of seconds that also refuses NaN (which compares false with both
+    bounds, so a plain FloatRange lets it through to the engine)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
+SCRUB_MAX = 365 * 86400.0  # a year: any finite interval the scrub thread can wait
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -76,13 +92,15 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="PEM private key of --tls-cert.")  # fmt: skip
 @click.option("--fuse-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the FUSE files appear (default: STATE_DIR/fuse).")
-@click.option("--scrub-interval", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+@click.option("--scrub-interval", type=Seconds(min=1, max=SCRUB_MAX), default=None,
+              metavar="SECONDS",
               help="Verify every preserved chunk in the background this often "
               "(default: never; `shadowblk verify` does it on demand).")
-@click.option("--hold-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              metavar="SECONDS", show_default=True,
-              help="Longest time snapshot creation may hold writes to flush its volumes; past "
-              "it, `create` fails with hold-timeout and writes resume.")
+@click.option("--hold-timeout", type=Seconds(min=0, min_open=True, max=HOLD_TIMEOUT),
+              default=HOLD_TIMEOUT, metavar="SECONDS", show_default=True,
+              help="Longest time snapshot creation may hold writes to flush its volumes "
+              f"(at most {HOLD_TIMEOUT:g}); past it, `create` fails with hold-timeout and "
+              "writes resume.")
 @click.option("--faults", metavar="SPEC", default=None,
               help="Arm fault points for testing: POINT=crash|eio|enospc|delay:MS[@N],... "
               "(docs/reliability.md).")
