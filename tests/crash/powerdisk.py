@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shadowblk.mount.host import mounts
+
 RECORDER = Path(__file__).with_name("recorder.py")
 READY_TIMEOUT = 30.0
 
@@ -141,8 +143,7 @@ class RecordedDisk:
 
 def _is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return any(mountpoint == target for _, mountpoint, _ in mounts())
 
 
 def _umount(path: Path) -> None:

@@ -126,9 +126,13 @@ def _sample(points: list[int], focused: list[int], budget: int, rnd: random.Rand
     return chosen | set(rnd.sample(rest, budget - len(chosen)))
 
 
-def scratch_dir() -> str | None:
-    """tmpfs if there is one: freeing and fsyncing a disk-backed image costs ~0.5 s a state."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+def scratch_dir(image_size: int) -> str | None:
+    """tmpfs if there is one with room for two images (a prefix and a state): freeing and
+    fsyncing a disk-backed image costs ~0.5 s a state. Else the default temporary
+    directory (a container's small /dev/shm must not turn into ENOSPC)."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    return "/dev/shm" if shutil.disk_usage("/dev/shm").free > 2 * image_size else None
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
@@ -164,7 +168,8 @@ class Materialiser:
     def __init__(self, base: Path, log: Path, records: Sequence[Record]) -> None:
         self.base = base
         self.records = records
-        self.workdir = Path(tempfile.mkdtemp(prefix="sbk-replay-", dir=scratch_dir()))
+        scratch = scratch_dir(base.stat().st_size)
+        self.workdir = Path(tempfile.mkdtemp(prefix="sbk-replay-", dir=scratch))
         self.prefix = self.workdir / "prefix.img"
         self.image = self.workdir / "state.img"
         self.applied = 0

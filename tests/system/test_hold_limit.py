@@ -6,9 +6,10 @@ The service runs with `serve --hold-timeout 1`. A snapshot exists, so a write to
 needs a preserve; a `delay:` fault then slows that preserve well past the limit (a slow
 diff-area sync: `preserve.sync`; a slow index commit: `preserve.commit`), and `create` is
 asked meanwhile: it must wait for that write to reach the origin, and cannot. A slow
-write-back of that write to the origin (`origin.write`, which runs under the engine lock)
-must not stretch the hold either: `create` waits for the lock at most the hold limit. A
-slow origin fdatasync during creation (`snapshot.sync`) fails it the same way.
+write-back of that write to the origin (`origin.write`: outside the engine lock, in rounds,
+the last one under it) must not stretch the hold either: `create` waits for the lock at
+most the hold limit. A slow sync of the origin during creation (`snapshot.sync`, before
+its journal's fdatasync) fails it the same way.
 
 Meanwhile a writer thread keeps writing over NBD, some of its writes while the hold is on.
 Checks: the reply is `hold-timeout` with a message naming the hold limit; no snapshot was

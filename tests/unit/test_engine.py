@@ -766,8 +766,10 @@ def test_a_write_during_the_write_back_of_its_batch_reaches_the_origin(engine: E
     new_a, new_b, again_a, again_b = (os.urandom(4096) for _ in range(4))
     real_write_back = vol.write_back
     rounds_of_a: list[int] = []
+    calls: list[int] = []  # the chunk of every write-back call, in order
 
     def staged(pending: Any, ranges: Any) -> Any:
+        calls.append(pending.chunk * CHUNK)
         if pending.chunk * CHUNK == a:
             rounds_of_a.append(1)
             if len(rounds_of_a) == 1:
@@ -787,6 +789,8 @@ def test_a_write_during_the_write_back_of_its_batch_reaches_the_origin(engine: E
         faults.disarm()
         vol.write_back = real_write_back  # type: ignore[method-assign]
     assert len(rounds_of_a) >= 2, "a was not written back twice: the scene did not happen"
+    second_a = [i for i, chunk in enumerate(calls) if chunk == a][1]
+    assert b in calls[:second_a], "b was not written back before a's second round: no scene"
     fd = os.open(vol.origin.path, os.O_RDONLY)  # the origin file itself, not the engine
     try:
         assert os.pread(fd, 4096, a) == again_a
