@@ -99,7 +99,7 @@ distclean: clean
 # corpus grows in build/fuzz/NAME, a crashing input is saved as build/fuzz/crash-*.
 .PHONY: fuzz
 fuzz: setup
-	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install atheris
+	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install "atheris==3.0.0"
 	for name in nbd control; do \
 	  mkdir -p build/fuzz/$$name; \
 	  dict=tests/fuzz/$$name.dict; [ -f $$dict ] && dict=-dict=$$dict || dict=; \
