@@ -23,8 +23,9 @@ The write path (DESIGN.md "Durability contract"):
    empty queue), then fdatasyncs the origins.
 
 Snapshot-set creation holds writes on its volumes, waits for their preserves to drain,
-fdatasyncs the origins, commits every snapshot record in one transaction, opens the new
-epochs, and releases writes.
+makes the origins durable (Origin.sync: the journal's fdatasync), commits every snapshot
+record in one transaction, opens the new epochs, and releases writes. The time of each of
+these steps, for the last CREATE_HISTORY creations, is in `statistics()`.
 
 Freeing (delete, or a preserve whose snapshot was deleted meanwhile): the entries are taken
 out of the in-memory index under `_lock` (so each is freed exactly once), their rows are
@@ -44,6 +45,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -94,6 +96,7 @@ log = logging.getLogger("shadowblk.engine")
 OVERLAY_CAP = 4 * 1024 * 1024  # bytes of acknowledged writes awaiting their preserve
 APPLIED, WAIT, FULL = "applied", "wait", "full"  # outcomes of Engine._try_apply
 ZERO_BATCH = 32 << 20  # a TRIM or WRITE_ZEROES is preserved and applied this much at a time
+CREATE_HISTORY = 256  # the last creations whose phase timings `statistics` reports
 
 Buffer = bytes | bytearray | memoryview
 
@@ -118,6 +121,8 @@ class Engine:
         self.stats = {
             "commits": 0, "chunks_preserved": 0, "zero_entries": 0, "writes": 0, "flushes": 0
         }  # fmt: skip
+        # where the last creations' time went, in ms, oldest first (see _commit_set)
+        self._create_phases: deque[dict[str, float]] = deque(maxlen=CREATE_HISTORY)
         self._writeback = Writeback(
             lambda: [v.origin for v in list(self._volumes.values())], catalog
         )
@@ -561,6 +566,7 @@ class Engine:
                         f"volume {v.name} has {limit} snapshots, its limit: delete some, or "
                         f"raise it with: shadowblk volume set {v.name} --max-snapshots N"
                     )
+            started = time.perf_counter()
             deadline = time.monotonic() + hold_timeout
             # the lock may be held by a slow write-back of the overlay: bounded too
             if not self._cond.acquire(timeout=hold_timeout):
@@ -570,9 +576,10 @@ class Engine:
                     v.held += 1
             finally:
                 self._cond.release()
+            phases = {"hold": _ms_since(started)}
             try:
                 attrs = {"auto_release": True} if auto_release else {}
-                snaps = self._commit_set(vols, label, deadline, attrs)
+                snaps = self._commit_set(vols, label, deadline, attrs, phases)
             except HoldTimeout as exc:
                 raise HoldTimeout(_over_hold(exc.message, hold_timeout)) from None
             finally:
@@ -580,16 +587,28 @@ class Engine:
                     for v in vols:
                         v.held -= 1
                     self._cond.notify_all()
+            phases["total"] = _ms_since(started)
+            with self._lock:  # statistics() copies the history under it
+                self._create_phases.append(phases)
             # new snapshots: nothing preserved for them yet, no index scan
             return [_snapshot_info(s, 0) for s in snaps]
 
     def _commit_set(
-        self, vols: list[CowVolume], label: str | None, deadline: float, attrs: dict[str, Any]
+        self,
+        vols: list[CowVolume],
+        label: str | None,
+        deadline: float,
+        attrs: dict[str, Any],
+        phases: dict[str, float],
     ) -> list[Snapshot]:
+        """Writes held: drain, sync, commit; `phases` gets each step's time in ms."""
+        step = time.perf_counter()
         self._drain(vols, deadline)
+        phases["drain"], step = _ms_since(step), time.perf_counter()
         for v in vols:
             faults.hit("snapshot.sync")
             v.origin.sync()
+        phases["sync"], step = _ms_since(step), time.perf_counter()
         if time.monotonic() > deadline:
             raise HoldTimeout("writes could not be flushed")
         faults.hit("snapshot.commit")
@@ -632,6 +651,7 @@ class Engine:
                     "UPDATE volumes SET epoch=?, next_seq=? WHERE id=?", (s.epoch, s.seq + 1, v.id)
                 )
         faults.hit("snapshot.committed")
+        phases["commit"] = _ms_since(step)
         with self._lock:
             for v, s in zip(vols, snaps, strict=True):
                 v.epoch, v.next_seq = s.epoch, s.seq + 1
@@ -1055,6 +1075,7 @@ class Engine:
                 volumes=volumes,
                 unavailable=dict(self.unavailable),
                 exports=dict(self._exports),
+                create_phases_ms=list(self._create_phases),
             )
 
 
@@ -1063,6 +1084,10 @@ VOLUME_COLUMNS = {
     "max_diff", "full_policy", "sparse", "epoch", "next_seq", "created", "legacy_checksums",
     "max_snapshots", "revert_epoch",
 }  # fmt: skip
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 def _over_hold(what: str, limit: float) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import xxhash
 
+from shadowblk.provider import engine as engine_module
 from shadowblk.provider import faults
 from shadowblk.provider.catalog import FORMAT_VERSION
 from shadowblk.provider.diffarea import DATA
@@ -440,6 +441,31 @@ def test_a_failing_diff_area_invalidates_snapshots_never_the_write(
     engine.flush()
     assert read(engine, "v@2", 2 * CHUNK, CHUNK) == new
     assert check_consistency(engine) == []
+
+
+def test_creation_phases_are_reported_for_the_last_creations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`statistics()` keeps where each of the last CREATE_HISTORY successful creations spent
+    its time; a refused creation leaves no record."""
+    monkeypatch.setattr(engine_module, "CREATE_HISTORY", 3)
+    engine = Engine.open(tmp_path / "state")
+    try:
+        engine.create_volume("v", size=1 << 20, max_snapshots=4)
+        for i in range(4):
+            write(engine, "v", i * CHUNK, os.urandom(4096))  # a preserve for the drain
+            engine.create_snapshot_set(["v"])
+        with pytest.raises(MaxSnapshots):
+            engine.create_snapshot_set(["v"])
+        history = engine.statistics()["create_phases_ms"]
+    finally:
+        engine.close()
+    assert len(history) == 3
+    for phases in history:
+        assert set(phases) == {"hold", "drain", "sync", "commit", "total"}
+        assert all(value >= 0 for value in phases.values())
+        steps = phases["hold"] + phases["drain"] + phases["sync"] + phases["commit"]
+        assert steps <= phases["total"] + 0.01  # each rounded to the microsecond
 
 
 def test_the_snapshot_limit_and_its_error(engine: Engine) -> None:
