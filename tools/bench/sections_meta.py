@@ -71,12 +71,14 @@ def creation(bench: Bench) -> None:
             control.call("volume.create", name=name, size=size, sparse=True)
             with fio.Background.nbd(server.uri(name), load_job) as load:
                 _wait_connected(control, load)
+                before = control.call("stats")["engine"]
                 latencies = []
                 for _ in range(count):
                     t0 = time.perf_counter()
                     snapshot(control, name)
                     latencies.append((time.perf_counter() - t0) * 1000)
                     time.sleep(CREATE_PACE)
+                after = control.call("stats")["engine"]
                 result = load.stop()
             p50.append(percentile(latencies, 50))
             p99.append(percentile(latencies, 99))
@@ -84,10 +86,34 @@ def creation(bench: Bench) -> None:
                      f"randwrite depth 8 ({result.iops:.0f} IOPS meanwhile)")  # fmt: skip
             bench.add(f"create.p50_ms.{label}", p50[-1], "ms", notes=notes)
             bench.add(f"create.p99_ms.{label}", p99[-1], "ms", notes=notes)
+            _service_side(bench, label, after["create_phases_ms"][-count:],
+                          _preserved(before, after))  # fmt: skip
     bench.add("create.p99_64t_vs_1g", p99[-1] / p99[0], "×", notes="flat is 1.0")
     bench.series["create"] = {"sizes": [s for _, s in CREATE_SIZES],
                               "labels": [label for label, _ in CREATE_SIZES],
                               "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+
+
+def _preserved(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What the load preserved between two `stats`: chunks copied, and chunks that were
+    holes (zero entries: nothing to copy or to fdatasync)."""
+    chunks = after["chunks_preserved"] - before["chunks_preserved"]
+    zeroes = after["zero_entries"] - before["zero_entries"]
+    return f"{chunks - zeroes} chunks copied, {zeroes} holes preserved meanwhile"
+
+
+def _service_side(bench: Bench, label: str, history: list[dict[str, float]], load: str) -> None:
+    """The same creates timed inside the service (engine `create_phases_ms`): the total, and
+    its steps in the notes, p50 / p99 each."""
+    def both(phase: str) -> str:
+        values = [h[phase] for h in history]
+        return f"{percentile(values, 50):.2f} / {percentile(values, 99):.2f}"
+
+    totals = [h["total"] for h in history]
+    notes = (f"in the service, p50 / p99 ms: hold {both('hold')}, drain {both('drain')}, "
+             f"sync {both('sync')}, commit {both('commit')}; {load}")  # fmt: skip
+    bench.add(f"create.service_p50_ms.{label}", percentile(totals, 50), "ms", notes=notes)
+    bench.add(f"create.service_p99_ms.{label}", percentile(totals, 99), "ms", notes=notes)
 
 
 def memory(bench: Bench) -> None:
