@@ -238,12 +238,10 @@ class CowVolume:
             return self.origin.pread(offset, length)
 
         def source(chunk: int, start: int, stop: int, out: memoryview) -> bool:
-            entries = self.index.get(chunk)
-            if entries:
-                i = bisect_left(entries, epoch, key=_epoch)
-                if i < len(entries):
-                    read_diff(chunk, entries[i], start, stop, out)
-                    return True
+            entry = self.entry_for(chunk, epoch)
+            if entry is not None:
+                read_diff(chunk, entry, start, stop, out)
+                return True
             pending = self.pending.get(chunk)
             if pending is None:
                 return False
@@ -251,6 +249,35 @@ class CowVolume:
             return True
 
         return self._assemble(offset, length, source)
+
+    def entry_for(self, chunk: int, epoch: int) -> Entry | None:
+        """The entry the snapshot that opened `epoch` reads `chunk` from: the one with the
+        smallest epoch >= `epoch`; None: the pending preserve's old bytes, or the origin."""
+        entries = self.index.get(chunk)
+        if not entries:
+            return None
+        # (epoch,) sorts before every entry of that epoch: tuple comparison in C, no key
+        # function called per step
+        i = bisect_left(entries, (epoch,))
+        return entries[i] if i < len(entries) else None
+
+    def read_snapshot_small(
+        self, epoch: int, offset: int, length: int
+    ) -> bytes | bytearray | None:
+        """The common small read of a snapshot, with one system call and nothing gathered:
+        [offset, offset+length) within one chunk that awaits no preserve, read from the
+        origin or from its preserved data (checked). None: use `read_snapshot`."""
+        cs = self.chunk_size
+        chunk = offset // cs
+        if (offset + length - 1) // cs != chunk or chunk in self.pending:
+            return None
+        entry = self.entry_for(chunk, epoch)
+        if entry is None:
+            return self.origin.pread(offset, length)
+        if entry[1] == ZERO or entry[2] is None:
+            return None
+        start = offset - chunk * cs
+        return self.diff.read(entry[1], self.chunk_len(chunk), entry[2], start, start + length)
 
     def _origin_source(self, chunk: int, start: int, stop: int, out: memoryview) -> bool:
         pending = self.pending.get(chunk)

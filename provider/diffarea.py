@@ -137,13 +137,27 @@ class DiffArea:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def read(self, slot: int, length: int, expected: bytes) -> bytearray:
-        """A whole preserved chunk of `length` bytes, checked (see `Gather`)."""
-        out = bytearray(length)
-        reads = Gather(self)
-        reads.add(slot, length, expected, 0, length, memoryview(out))
-        reads.finish()
-        return out
+    def read(
+        self, slot: int, length: int, expected: bytes, start: int = 0, stop: int | None = None
+    ) -> bytearray:
+        """Bytes [start, stop) (default: all) of the preserved chunk of `length` bytes in
+        `slot`, checked block by block like `Gather`'s reads, in one system call."""
+        stop = length if stop is None else stop
+        lo, hi = _blocks(start, stop, length)
+        buf = bytearray(hi - lo)
+        try:
+            preadv_full(self.fd, memoryview(buf), slot * self.chunk_size + lo)
+        except OSError as e:
+            raise DamagedData(f"diff area {self.path}: read of slot {slot} failed: {e}") from e
+        self._check(buf, _block_hashes(expected, lo, hi), slot, -1)
+        return buf if (lo, hi) == (start, stop) else buf[start - lo : stop - lo]
+
+    def _check(
+        self, data: bytes | bytearray | memoryview, hashes: bytes, slot: int, chunk: int
+    ) -> None:
+        if chunk_hash(data) != hashes:
+            what = f"chunk {chunk} (slot {slot})" if chunk >= 0 else f"slot {slot}"
+            raise DamagedData(f"diff area {self.path}: {what} fails its checksum")
 
     def punch(self, slots: list[int]) -> None:
         """Deallocate the data of freed slots (call only after the free is durable)."""
@@ -167,7 +181,7 @@ class DiffArea:
 IOV_LIMIT = 512  # buffers per preadv (IOV_MAX is 1024 on Linux)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Member:
     slot: int
     lo: int  # the blocks read: [lo, hi) of the chunk
@@ -206,11 +220,9 @@ class Gather:
         chunk: int = -1,
     ) -> None:
         """Bytes [start, stop) of the chunk of `length` bytes in `slot`, into `out`."""
-        lo = start - start % BLOCK
-        hi = min(length, -(-stop // BLOCK) * BLOCK)
+        lo, hi = _blocks(start, stop, length)
         buf = out if (lo, hi) == (start, stop) else memoryview(bytearray(hi - lo))
-        first = lo // BLOCK * BLOCK_HASH
-        hashes = expected[first : first + (hi - lo) // -BLOCK * -BLOCK_HASH]
+        hashes = _block_hashes(expected, lo, hi)
         member = _Member(slot, lo, hi, start, stop, buf, out, hashes, chunk)
         at = slot * self.diff.chunk_size + lo
         if at == self._end and len(self._runs[-1][1]) < IOV_LIMIT:
@@ -225,21 +237,32 @@ class Gather:
         fd, path = self.diff.fd, self.diff.path
         for at, members in self._runs:
             try:
-                total = sum(m.hi - m.lo for m in members)
-                if os.preadv(fd, [m.buf for m in members], at) < total:  # EOF, or short
+                if len(members) == 1:  # the common case: one chunk's blocks
+                    bufs, total = [members[0].buf], members[0].hi - members[0].lo
+                else:
+                    bufs, total = [m.buf for m in members], sum(m.hi - m.lo for m in members)
+                if os.preadv(fd, bufs, at) < total:  # EOF, or short
                     for m in members:
                         preadv_full(fd, m.buf, m.slot * self.diff.chunk_size + m.lo)
             except OSError as e:
                 raise DamagedData(f"diff area {path}: read at {at} failed: {e}") from e
             for m in members:
-                if chunk_hash(m.buf) != m.expected:
-                    raise DamagedData(
-                        f"diff area {path}: chunk {m.chunk} (slot {m.slot}) fails its checksum"
-                    )
+                self.diff._check(m.buf, m.expected, m.slot, m.chunk)
                 if m.buf is not m.out:
                     m.out[:] = m.buf[m.start - m.lo : m.stop - m.lo]
         self._runs.clear()
         self._end = -1
+
+
+def _blocks(start: int, stop: int, length: int) -> tuple[int, int]:
+    """The whole 4 KiB blocks [lo, hi) of a chunk of `length` bytes that hold [start, stop)."""
+    return start - start % BLOCK, min(length, -(-stop // BLOCK) * BLOCK)
+
+
+def _block_hashes(expected: bytes, lo: int, hi: int) -> bytes:
+    """The checksums of the blocks [lo, hi), out of a chunk's `chunk_hash`."""
+    first = lo // BLOCK * BLOCK_HASH
+    return expected[first : first + (hi - lo) // -BLOCK * -BLOCK_HASH]
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:

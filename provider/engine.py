@@ -865,14 +865,18 @@ class Engine:
         self._gate.pass_through()
         with self._lock:
             self._check_live(vol, snap)
-            reads = Gather(vol.diff)
-            data = vol.read_snapshot(snap.epoch, offset, length, partial(_read_diff, vol, reads))
             try:
+                small = vol.read_snapshot_small(snap.epoch, offset, length)
+                if small is not None:
+                    return small
+                reads = Gather(vol.diff)
+                read_diff = partial(_read_diff, vol, reads)
+                data = vol.read_snapshot(snap.epoch, offset, length, read_diff)
                 reads.finish()
+                return data
             except DamagedData as e:
                 self._damaged(snap, e.message)
                 raise
-            return data
 
     def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
         if vol.invalid.get(snap.seq) is snap:
