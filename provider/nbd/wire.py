@@ -16,6 +16,17 @@ its size (`receive_into`: recv_into on a socket); a reply's parts (header, data)
 one sendmsg on a socket, never concatenated when large. Over TLS the same calls go through
 the `trio.SSLStream` (which copies into its records anyway).
 
+Direct system calls. A trio socket operation always yields to the scheduler, even when it
+could complete at once, and under a small-request load those yields cost more than the
+system calls. On a plain socket a receive or send is first tried directly on the
+non-blocking descriptor; only when it would block (or fails) does the call go through
+trio, which then waits for the socket. So that the other tasks (the other connections,
+the control socket) still get their turn, a connection goes direct for at most
+DIRECT_SLICE after its last call through trio: the next call after that goes through trio
+and yields. The descriptor is read from the socket at each
+call (-1 once it is closed, which sends the call through trio and its
+ClosedResourceError).
+
 STARTTLS: `start_tls` replaces `stream` with a `trio.SSLStream` over it, between two options,
 when nothing is buffered (a client that sent bytes after NBD_OPT_STARTTLS before its reply
 broke the protocol).
@@ -23,7 +34,11 @@ broke the protocol).
 
 from __future__ import annotations
 
+import os
 import ssl
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 
@@ -34,6 +49,11 @@ RECEIVE_CAP = 4 * 1024 * 1024  # and never more than this (each receive allocate
 JOIN_LIMIT = 64 * 1024  # parts of a message at most this long in all are joined: one send
 IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 BATCH_LIMIT = 256 * 1024  # queued reply bytes that are sent without waiting for more
+DIRECT_SLICE = 0.0005  # seconds a connection may run on direct system calls between yields
+
+
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 
 class PeerClosed(Disconnect):
@@ -54,6 +74,7 @@ class Wire:
         self._send_lock = trio.Lock()
         self._queue: list[Buffer] = []  # batched messages' parts, not sent yet
         self._queued = 0  # their bytes
+        self._yielded = 0.0  # time.monotonic() of the last call that went through trio
 
     # Receiving (the reader task only).
 
@@ -85,7 +106,9 @@ class Wire:
             if self._queue:
                 await self.flush()
             if sock is not None:
-                count = await _recv_into(sock, view[filled:])
+                count = self._direct_call(os.readv, [view[filled:]])
+                if count is None:
+                    count = await _recv_into(sock, view[filled:])
             else:
                 data = await self.stream.receive_some(min(size - filled, RECEIVE_CAP))
                 count = len(data)
@@ -105,7 +128,10 @@ class Wire:
     async def _receive(self, wanted: int, *, clean: bool) -> Buffer:
         if self._queue:
             await self.flush()
-        data = await self.stream.receive_some(min(max(wanted, RECEIVE_CHUNK), RECEIVE_CAP))
+        size = min(max(wanted, RECEIVE_CHUNK), RECEIVE_CAP)
+        data: Buffer | None = self._direct_call(os.read, size)
+        if data is None:
+            data = await self.stream.receive_some(size)
         if not data:
             raise PeerClosed(clean)
         return data
@@ -162,10 +188,35 @@ class Wire:
         if sock is None or sum(len(p) for p in parts) <= JOIN_LIMIT:
             parts = (b"".join(parts),)  # over TLS: one record rather than one per part
         if sock is not None and len(parts) > 1:
-            await _sendmsg_all(sock, [memoryview(p).cast("B") for p in parts if len(p)])
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+            sent = self._direct_call(os.writev, views[:IOV_BATCH])
+            if sent is not None:
+                _advance(views, sent)
+            if views:
+                await _sendmsg_all(sock, views)
             return
         for part in parts:
-            await self.stream.send_all(part)
+            sent = self._direct_call(os.write, part) if sock is not None else None
+            if sent == len(part):
+                continue
+            await self.stream.send_all(memoryview(part)[sent:] if sent else part)
+
+    def _direct_call(self, call: Callable[[int, _A], _R], arg: _A) -> _R | None:
+        """`call(fd, arg)` on the plain socket's descriptor, at once, if it does not block
+        and DIRECT_SLICE allows (see Direct system calls); None: go through trio (which
+        yields)."""
+        sock = _socket_of(self.stream)
+        fd = -1 if sock is None else sock.fileno()
+        now = time.monotonic()
+        if fd >= 0 and now - self._yielded < DIRECT_SLICE:
+            try:
+                return call(fd, arg)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"{call.__name__} failed: {exc}") from exc
+        self._yielded = now
+        return None
 
     # TLS.
 
@@ -200,8 +251,13 @@ async def _sendmsg_all(sock: trio.socket.SocketType, views: list[memoryview]) ->
             sent = await sock.sendmsg(views[:IOV_BATCH])
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
+        _advance(views, sent)
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop the first `sent` bytes of `views` (the buffers of a partial send)."""
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if sent:
+        views[0] = views[0][sent:]

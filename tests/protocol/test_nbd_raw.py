@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -457,3 +460,52 @@ def _any_reply(client: Any, lengths: dict[int, int]) -> tuple[int, int, bytes]:
     if kind == 2**15 + 1:
         return struct.unpack_from(">I", payload)[0], handle, b""
     return 0, handle, payload[8:] if kind == 1 else b""
+
+
+
+FLOOD = """
+import sys, threading
+from rawclient import CMD_READ, RawClient, request
+client = RawClient(sys.argv[1])
+client.go()
+stop = threading.Event()
+
+def drain():
+    while client.sock.recv(1 << 20):
+        pass
+
+threading.Thread(target=drain, daemon=True).start()
+print("flowing", flush=True)
+batch = request(CMD_READ, 0, 0) * 256  # 16-byte replies: sending never blocks
+while True:
+    client.sock.sendall(batch)
+"""
+
+
+def test_a_connection_flooding_requests_does_not_starve_another(
+    raw: RawFactory, fake: Any, server: Any
+) -> None:
+    # A client in another process pipelines reads without end, so the server always has
+    # requests waiting on that connection and serves them on direct system calls, which
+    # never yield by themselves (wire.py, "Direct system calls"). DIRECT_SLICE makes the
+    # connection yield, so another one is answered meanwhile; without it this read would
+    # wait for the flood to end. The other client's socket timeout is the liveness bound.
+    flood = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, server.path],
+        cwd=Path(__file__).parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == "flowing\n"
+        other = raw()
+        other.sock.settimeout(10)
+        other.go()
+        for handle in range(1, 21):
+            other.request(CMD_READ, handle * 4096, 4096, handle=handle)
+            error, got, data = other.reply(4096)
+            assert (error, got, len(data)) == (0, handle, 4096)
+        assert flood.poll() is None, "the flood ended early: it proves nothing"
+    finally:
+        flood.kill()
+        flood.wait()
