@@ -49,7 +49,7 @@ RECEIVE_CAP = 4 * 1024 * 1024  # and never more than this (each receive allocate
 JOIN_LIMIT = 64 * 1024  # parts of a message at most this long in all are joined: one send
 IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 BATCH_LIMIT = 256 * 1024  # queued reply bytes that are sent without waiting for more
-DIRECT_SLICE = 0.0005  # seconds a connection may run on direct system calls between yields
+DIRECT_SLICE = 0.0002  # seconds a connection may run on direct system calls between yields
 
 
 _A = TypeVar("_A")
