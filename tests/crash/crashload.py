@@ -21,6 +21,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nbd
 
@@ -83,11 +84,14 @@ def writer(
     seqs: itertools.count[int],
     stop: threading.Event,
     on_flush: Callable[[int], None] | None = None,
+    seed: int = 0,
 ) -> None:
-    """Write random blocks until the connection dies or `stop` is set. `on_flush(start)`
-    runs after each FLUSH returns, with the event time at which it was sent."""
+    """Write random blocks (chosen from `seed`: the same blocks in the same order for the
+    same seed; where a crash falls in them is up to timing) until the connection dies or
+    `stop` is set. `on_flush(start)` runs after each FLUSH returns, with the event time at
+    which it was sent."""
     h = nbd.NBD()
-    rnd = random.Random()
+    rnd = random.Random(seed)
     incarnation = log.started_at
     try:
         h.connect_uri(uri)
@@ -129,6 +133,11 @@ def check_cut(
         if seq:
             block, issued, _acked = writes[seq]
             assert issued < returned, f"{name}: block {b} holds write {seq}, issued after create"
+
+
+def export_uri(state_dir: Path, export: str) -> str:
+    """The NBD URI of `export` on the service of `state_dir`."""
+    return f"nbd+unix:///{export}?socket={state_dir / 'nbd.sock'}"
 
 
 def read_export(uri: str) -> bytes:

@@ -30,14 +30,14 @@ LOAD_POINTS = [p for p in POINTS if not p.startswith("revert.")]  # revert: test
 
 
 class FaultCrasher(Crasher):
-    def fault_round(self, point: str, nth: int) -> bool:
-        """Arm `point`, run the load until the service dies, restart, check. True if the
-        point itself crashed it."""
+    def fault_round(self, point: str, nth: int, seed: int) -> bool:
+        """Arm `point`, run the load (its blocks chosen from `seed`) until the service
+        dies, restart, check. True if the point itself crashed it."""
         with ControlClient.connect(self.state_dir, timeout=60) as client:
             client.call("fault.arm", spec=f"{point}=crash@{nth}")
         stop = threading.Event()
         thread = threading.Thread(
-            target=writer, args=(self.uri("v"), self.log, self.seqs, stop), daemon=True
+            target=writer, args=(self.uri("v"), self.log, self.seqs, stop, None, seed), daemon=True
         )
         thread.start()
         self.killing = threading.Event()
@@ -92,7 +92,7 @@ def test_a_crash_at_every_fault_point_keeps_the_contract(
     fired: Counter[str] = Counter()
     for _ in range(ROUNDS):
         for point in LOAD_POINTS:
-            if crasher.fault_round(point, rnd.randrange(1, 6)):
+            if crasher.fault_round(point, rnd.randrange(1, 6), rnd.randrange(2**32)):
                 fired[point] += 1
     never = [p for p in LOAD_POINTS if not fired[p]]
     assert not never, f"these points never crashed the service: {never}"

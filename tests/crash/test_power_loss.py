@@ -33,7 +33,7 @@ from typing import Any
 
 import nbd
 import pytest
-from crashload import BLOCK, BLOCKS, check_cut, decode, read_export, writer
+from crashload import BLOCK, BLOCKS, check_cut, decode, export_uri, read_export, writer
 from powercheck import (
     Expectations,
     SetRecord,
@@ -66,14 +66,15 @@ class PowerLoad:
         self.seqs = itertools.count(1)
 
     def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.state_dir / 'nbd.sock'}"
+        return export_uri(self.state_dir, export)
 
     def run(self, operations: int) -> None:
         stop = threading.Event()
         threads = [
             threading.Thread(
                 target=writer,
-                args=(self.uri(v), rec.log, self.seqs, stop, partial(self._flushed, rec)),
+                args=(self.uri(v), rec.log, self.seqs, stop, partial(self._flushed, rec),
+                      self.rnd.randrange(2**32)),  # fmt: skip
                 daemon=True,
             )
             for v, rec in self.exp.volumes.items()

@@ -29,7 +29,7 @@ from typing import Any
 
 import nbd
 import pytest
-from crashload import BLOCK, BLOCKS, Log, check_cut, decode, read_export, writer
+from crashload import BLOCK, BLOCKS, Log, check_cut, decode, export_uri, read_export, writer
 
 from shadowblk.tools.client import ControlClient
 
@@ -48,7 +48,7 @@ class Crasher:
         self.rnd = random.Random(int(os.environ.get("SHADOWBLK_CRASH_SEED", time.time_ns())))
 
     def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.state_dir / 'nbd.sock'}"
+        return export_uri(self.state_dir, export)
 
     def start(self) -> None:
         self.service = self.factory(self.state_dir)
@@ -63,7 +63,9 @@ class Crasher:
         """Load, snapshots, a kill at a random moment, a restart, the checks."""
         stop = threading.Event()
         thread = threading.Thread(
-            target=writer, args=(self.uri("v"), self.log, self.seqs, stop), daemon=True
+            target=writer,
+            args=(self.uri("v"), self.log, self.seqs, stop, None, self.rnd.randrange(2**32)),
+            daemon=True,
         )
         thread.start()
         self.killing = threading.Event()
