@@ -65,6 +65,7 @@ def creation(bench: Bench) -> None:
     load_job = fio.Job("randwrite", "4k", 8, runtime=3600, extra=("--norandommap",))
     p50: list[float] = []
     p99: list[float] = []
+    os.sync()  # the earlier sections' writes, out of the way of the fdatasyncs timed here
     with runner.shadowblk(xfs(bench) / "create-state") as server, server.control() as control:
         for label, size in CREATE_SIZES:
             name = f"v{label}"
