@@ -23,9 +23,8 @@ non-blocking descriptor; only when it would block (or fails) does the call go th
 trio, which then waits for the socket. So that the other tasks (the other connections,
 the control socket) still get their turn, a connection goes direct for at most
 DIRECT_SLICE after its last call through trio: the next call after that goes through trio
-and yields. The descriptor is read from the socket at each
-call (-1 once it is closed, which sends the call through trio and its
-ClosedResourceError).
+and yields. The descriptor is read from the socket at each call: -1 once it is closed,
+which sends the call through trio and its ClosedResourceError.
 
 STARTTLS: `start_tls` replaces `stream` with a `trio.SSLStream` over it, between two options,
 when nothing is buffered (a client that sent bytes after NBD_OPT_STARTTLS before its reply
