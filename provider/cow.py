@@ -417,10 +417,10 @@ class CowVolume:
     def entries_read_by(self, epoch: int) -> list[tuple[int, Entry]]:
         """For each changed chunk, the entry a snapshot of `epoch` reads (at most one each)."""
         found = []
-        for chunk, entries in self.index.items():
-            i = bisect_left(entries, epoch, key=_epoch)
-            if i < len(entries):
-                found.append((chunk, entries[i]))
+        for chunk in self.index:
+            entry = self.entry_for(chunk, epoch)
+            if entry is not None:
+                found.append((chunk, entry))
         return found
 
     def remove_entry(self, chunk: int, entry: Entry) -> None:

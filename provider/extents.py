@@ -13,8 +13,6 @@ engine lock.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
 from .api import EXTENT_HOLE, EXTENT_ZERO
 from .cow import ZERO, CowVolume
 
@@ -50,10 +48,9 @@ def snapshot_allocation(vol: CowVolume, epoch: int, offset: int, end: int) -> li
     """`base:allocation` of the snapshot that opened `epoch`."""
     paint = []
     for chunk in changed_chunks(vol, offset, end):
-        entries = vol.index.get(chunk, [])
-        i = bisect_left(entries, epoch, key=lambda e: e[0])
-        if i < len(entries):
-            flags = HOLE if entries[i][1] == ZERO else 0
+        entry = vol.entry_for(chunk, epoch)
+        if entry is not None:
+            flags = HOLE if entry[1] == ZERO else 0
         elif chunk in vol.pending:
             flags = HOLE if vol.pending[chunk].slot == ZERO else 0
         else:
@@ -66,9 +63,8 @@ def dirty(vol: CowVolume, lo: int, hi: int | None, offset: int, end: int) -> lis
     """Chunks written in epochs [lo, hi) (hi None: up to now, pending writes included)."""
     marked = []
     for chunk in changed_chunks(vol, offset, end):
-        entries = vol.index.get(chunk, [])
-        i = bisect_left(entries, lo, key=lambda e: e[0])
-        if (i < len(entries) and (hi is None or entries[i][0] < hi)) or (
+        entry = vol.entry_for(chunk, lo)  # the first entry of an epoch >= lo
+        if (entry is not None and (hi is None or entry[0] < hi)) or (
             hi is None and chunk in vol.pending
         ):
             marked.append((*clip(vol, chunk, offset, end), 1))
