@@ -462,13 +462,11 @@ def _any_reply(client: Any, lengths: dict[int, int]) -> tuple[int, int, bytes]:
     return 0, handle, payload[8:] if kind == 1 else b""
 
 
-
 FLOOD = """
 import sys, threading
 from rawclient import CMD_READ, RawClient, request
 client = RawClient(sys.argv[1])
 client.go()
-stop = threading.Event()
 
 def drain():
     while client.sock.recv(1 << 20):
@@ -483,7 +481,7 @@ while True:
 
 
 def test_a_connection_flooding_requests_does_not_starve_another(
-    raw: RawFactory, fake: Any, server: Any
+    raw: RawFactory, fake: Any, server: Any  # fake: the fake registry only (reads are free)
 ) -> None:
     # A client in another process pipelines reads without end, so the server always has
     # requests waiting on that connection and serves them on direct system calls, which

@@ -6,8 +6,9 @@ every snapshot and block, what the snapshot holds must be the last write to that
 acknowledged before the creation was requested, or a later one that was already under
 way when the creation returned (a write in flight may fall on either side), never one
 that started after, never an older one. Each snapshot is also read right after its
-creation and again at the end, and must not have changed (I1). The writers keep the
-overlay full of pending preserves, so every creation has a drain to do.
+creation and again at the end, and must not have changed (I1). The writers write without
+pause, so creations find preserves pending and have them to drain (taking the drain out
+makes this test fail at once).
 """
 
 from __future__ import annotations
