@@ -8,9 +8,15 @@ State per volume, all guarded by the engine lock (the caller holds it for every 
 - `index`: chunk -> its entries [(epoch, slot, hash)], sorted by epoch; slot ZERO (-1) and
   hash None mark a zero entry. Only changed chunks appear: memory follows changes.
 - `done`: chunks with an entry at E (preserved this epoch: later writes go straight through).
-- `pending`: chunk -> Pending, a preserve under way for E. `old` holds the contents the
-  snapshots must keep (served to their reads), `new` the chunk as the origin must become
-  (served to origin reads, updated by later writes). The origin itself is untouched until
+- `pending`: chunk -> Pending, a preserve under way for its epoch (E, or an earlier one if a
+  snapshot was created meanwhile: creation does not wait for preserves). `old` holds the
+  contents the snapshots up to that epoch must keep (served to their reads), `new` the chunk
+  as the origin must become (served to origin reads and to newer snapshots' reads, updated
+  by later writes of the same epoch; a write of a later epoch waits until the preserve is
+  applied, so `new` is what a newer snapshot saw). Every write to `new` is journaled as
+  an overlay record (provider/journal.py), durable at the next sync without the preserve;
+  a preserve with a write the journal did not take is `journaled` no more, and a sync
+  waits for it as before. The origin itself is untouched until
   the preserve is durable; then the entry is indexed (commit_preserved) and the preserver
   writes `new` to the origin outside the lock (`take_ranges`, `write_back`: a slow origin
   stalls no other I/O), again for what later writes changed meanwhile, and only then
@@ -39,6 +45,9 @@ from pyroaring import BitMap64
 
 from . import faults
 from .diffarea import DiffArea
+from .journal import DATA as J_DATA
+from .journal import PUNCH as J_PUNCH
+from .journal import ZERO as J_ZERO
 from .origin import Origin
 
 Buffer = bytes | bytearray | memoryview
@@ -77,6 +86,8 @@ class Pending:
     seq: int  # the engine-wide order of preserves (flush waits for a sequence number)
     # what was done to `new`, in order: [start, end, how], how DATA, ZEROED or PUNCHED
     dirty: list[list[int]] = field(default_factory=list)
+    journaled: bool = True  # every write to `new` is in the origin's journal
+    pin: int | None = None  # the log position of its first (pinned) journal record
 
     def update(self, start: int, data: bytes | bytearray | memoryview, how: int = 0) -> None:
         """Apply a write (or, with `how`, a zeroing) to the overlay and remember the range:
@@ -98,16 +109,37 @@ class Pending:
     def write_back(self, origin: Origin, base: int, ranges: list[list[int]]) -> None:
         """Replay `ranges` on the origin, in order: data from `new` (its contents now; a
         later write to it is in a later list of ranges, replayed after), zeroed ranges as
-        zeroing (a hole where the volume is sparse)."""
+        zeroing (a hole where the volume is sparse). Journaled again only if some write
+        to `new` was not (the pinned records hold the rest)."""
         faults.hit("origin.write")
+        log = not self.journaled
         for start, end, how in ranges:
             if how == DATA:
-                origin.pwrite(base + start, memoryview(self.new)[start:end])
+                origin.pwrite(base + start, memoryview(self.new)[start:end], log)
             else:
-                origin.zero(base + start, end - start, punch=how == PUNCHED)
+                origin.zero(base + start, end - start, punch=how == PUNCHED, log=log)
+
+    def journal_write(
+        self, origin: Origin, offset: int, length: int, data: Buffer | None, how: int
+    ) -> None:
+        """Journal a write just made to `new` (at `offset` in the origin), pinning the
+        first record; a write the journal does not take ends the journaling."""
+        if not self.journaled:
+            return
+        kind = JOURNAL_KIND[how]
+        lsn = origin.log_overlay(kind, offset, length, data, self.epoch, self.pin is None)
+        if lsn is None:
+            self.journaled = False
+        elif self.pin is None:
+            self.pin = lsn
+
+    def read(self, epoch: int) -> bytes | bytearray:
+        """The chunk as the snapshot that opened `epoch` sees it."""
+        return self.old if epoch <= self.epoch else self.new
 
 
 DATA, ZEROED, PUNCHED = 0, 1, 2  # how an overlay range was written
+JOURNAL_KIND = {DATA: J_DATA, ZEROED: J_ZERO, PUNCHED: J_PUNCH}
 
 
 @dataclass
@@ -206,6 +238,27 @@ class CowVolume:
         j = bisect_right(self.live_epochs, p)
         return j < len(self.live_epochs) and self.live_epochs[j] <= entries[i][0]
 
+    def replay_needs(self, chunk: int, epoch: int) -> bool:
+        """At open: does a live snapshot need chunk preserved for `epoch`, with no entry
+        for that epoch? (an overlay record of that epoch is about to be replayed)"""
+        entries = self.index.get(chunk, [])
+        if any(e[0] == epoch for e in entries):
+            return False
+        previous = max((e[0] for e in entries if e[0] < epoch), default=-1)
+        j = bisect_right(self.live_epochs, previous)
+        return j < len(self.live_epochs) and self.live_epochs[j] <= epoch
+
+    def behind(self, offset: int, length: int) -> bool:
+        """Is a chunk of the range pending for an earlier epoch? (a write must wait)"""
+        if not self.pending or length == 0:
+            return False
+        first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
+        for c in range(first, last + 1):
+            p = self.pending.get(c)
+            if p is not None and p.epoch != self.epoch:
+                return True
+        return False
+
     def new_preserves(self, offset: int, length: int) -> int:
         """How many chunks a write of this range would start preserving now."""
         if not self.live_epochs or length == 0:
@@ -245,7 +298,7 @@ class CowVolume:
             pending = self.pending.get(chunk)
             if pending is None:
                 return False
-            out[:] = memoryview(pending.old)[start:stop]
+            out[:] = memoryview(pending.read(epoch))[start:stop]
             return True
 
         return self._assemble(offset, length, source)
@@ -354,8 +407,11 @@ class CowVolume:
                 if data is None:
                     how = PUNCHED if punch and self.row["sparse"] else ZEROED
                     pending.update(pos - base, zeroes(hi - pos), how)
+                    pending.journal_write(self.origin, pos, hi - pos, None, how)
                 else:
-                    pending.update(pos - base, memoryview(data)[pos - offset : hi - offset])
+                    part = memoryview(data)[pos - offset : hi - offset]
+                    pending.update(pos - base, part)
+                    pending.journal_write(self.origin, pos, hi - pos, part, DATA)
             pos = hi
         if run_start >= 0:
             self._direct(run_start, end - run_start, data, run_start - offset, punch)
@@ -383,7 +439,8 @@ class CowVolume:
         entries = self.index.setdefault(pending.chunk, [])
         entries.append((pending.epoch, pending.slot, pending.hash))
         self.changed.add(pending.chunk)
-        self.done.add(pending.chunk)
+        if pending.epoch == self.epoch:  # a preserve of an earlier epoch: not done in this one
+            self.done.add(pending.chunk)
         return self.entry_needed(entries, len(entries) - 1)
 
     def write_back(self, pending: Pending, ranges: list[list[int]]) -> OSError | None:
@@ -401,6 +458,8 @@ class CowVolume:
         if error is not None and self.origin_error is None:
             self.origin_error = error
         del self.pending[pending.chunk]
+        if pending.pin is not None:
+            self.origin.unpin(pending.pin)
 
     # --- freeing -------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -76,7 +77,9 @@ from .errors import (
 )
 from .exports import OriginDevice, SnapshotDevice
 from .fileio import flock_exclusive, pread_full
+from .journal import DATA as J_DATA
 from .journal import NAME as JOURNAL
+from .journal import Record
 from .origin import Origin
 from .preserver import Gate, Preserver
 from .volumes import (
@@ -218,28 +221,21 @@ class Engine:
                     f"{row['size']}"
                 )
             diff = DiffArea(Path(row["diff_area"]), row["uuid"], row["chunk_size"])
-            records, nbytes = origin.attach_journal(diff.path / JOURNAL, row["uuid"])
+            vol = CowVolume(row, origin, diff)
+            self._load_volume(vol, row)
         except BaseException:
             origin.close()
             if diff is not None:
                 diff.close()
             raise
-        if records:
-            log.warning("volume %s: replayed %d journal records (%d bytes) onto the origin",
-                        row["name"], records, nbytes)  # fmt: skip
-        vol = CowVolume(row, origin, diff)
         origin.on_dirty = self._writeback.poke
-        try:
-            self._load_volume(vol, row)
-        except BaseException:
-            origin.close()
-            diff.close()
-            raise
         return vol
 
     def _load_volume(self, vol: CowVolume, row: Any) -> None:
         """A volume's snapshots and entries from the catalog (each entry checked against
-        the volume and its diff area: a damaged one refuses the volume), then recovery."""
+        the volume and its diff area: a damaged one refuses the volume), its journal
+        replayed onto the origin (what its overlay records overwrite preserved first),
+        then recovery."""
         for s in self.catalog.query(
             "SELECT * FROM snapshots WHERE volume_id=? ORDER BY seq", (vol.id,)
         ):
@@ -258,10 +254,59 @@ class Engine:
         if row["legacy_checksums"]:
             self._rehash(vol)
         vol.diff.set_used(vol.used_slots())
+        records, nbytes = vol.origin.attach_journal(
+            vol.diff.path / JOURNAL, row["uuid"], partial(self._preserve_replayed, vol)
+        )
+        if records:
+            log.warning("volume %s: replayed %d journal records (%d bytes) onto the origin",
+                        vol.name, records, nbytes)  # fmt: skip
         self._recover(vol)
         if row["revert_epoch"] is not None:
             log.warning("volume %s: finishing the revert a crash interrupted", vol.name)
             self._run_revert(vol, row["revert_epoch"])
+
+    def _preserve_replayed(self, vol: CowVolume, records: list[Record]) -> None:
+        """Before a journal is replayed: an overlay record was acknowledged before its
+        chunk's preserve (for the record's epoch) was durable, and a crash may have taken
+        the preserve. For each such preserve that never committed and that a live snapshot
+        needs, preserve the chunk as the origin and the records before the first of them
+        leave it; durably, before any record reaches the origin (so a crash during the
+        replay finds them committed and replays the same records again)."""
+        cs = vol.chunk_size
+        firsts: dict[tuple[int, int], int] = {}  # (chunk, epoch) -> its first record
+        for i, r in enumerate(records):
+            if r.epoch is not None:
+                firsts.setdefault((r.offset // cs, r.epoch), i)
+        starts = sorted((i, key) for key, i in firsts.items() if vol.replay_needs(*key))
+        if not starts:
+            return
+        chunks = sorted({chunk for _, (chunk, _) in starts})
+        images = {c: bytearray(vol.origin.pread(c * cs, vol.chunk_len(c))) for c in chunks}
+        found: dict[tuple[int, int], bytes] = {}
+        for i, r in enumerate(records):
+            while len(found) < len(starts) and starts[len(found)][0] == i:
+                key = starts[len(found)][1]
+                found[key] = bytes(images[key[0]])
+            if len(found) == len(starts):
+                break
+            _paint_record(r, chunks, images, cs)
+        rows = []
+        for (chunk, epoch), old in found.items():
+            slot, digest = ZERO, None
+            if old != zeroes(len(old)):
+                slot, digest = vol.diff.allocate(), chunk_hash(old)
+                vol.diff.write(slot, old)
+            rows.append((chunk, (epoch, slot, digest)))
+        vol.diff.sync()
+        with self.catalog.transaction() as t:
+            t.executemany(
+                "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",
+                [(vol.id, c, e[0], None if e[1] == ZERO else e[1], e[2]) for c, e in rows],
+            )
+        for chunk, entry in rows:
+            vol.insert_entry(chunk, entry)
+        log.warning("volume %s: preserved %d chunks that journaled writes overwrite (their "
+                    "preserves were lost in a crash)", vol.name, len(rows))  # fmt: skip
 
     def _rehash(self, vol: CowVolume) -> None:
         """Catalog format 1 -> 2 for one volume: every preserved chunk is read, checked
@@ -601,13 +646,17 @@ class Engine:
         attrs: dict[str, Any],
         phases: dict[str, float],
     ) -> list[Snapshot]:
-        """Writes held: drain, sync, commit; `phases` gets each step's time in ms."""
+        """Writes held: drain what the journal does not hold, sync, commit; `phases` gets
+        each step's time in ms."""
         step = time.perf_counter()
-        self._drain(vols, deadline)
+        self._drain(vols, deadline, unjournaled=True)
         phases["drain"], step = _ms_since(step), time.perf_counter()
         for v in vols:
             faults.hit("snapshot.sync")
-            v.origin.sync()
+            try:
+                v.origin.sync(deadline)
+            except TimeoutError:
+                raise HoldTimeout("writes could not be flushed") from None
         phases["sync"], step = _ms_since(step), time.perf_counter()
         if time.monotonic() > deadline:
             raise HoldTimeout("writes could not be flushed")
@@ -659,10 +708,13 @@ class Engine:
                 v.add_snapshot(s)
         return snaps
 
-    def _drain(self, vols: list[CowVolume], deadline: float | None) -> None:
-        """Wait until no preserve of `vols` is pending (their overlays are on the origin)."""
+    def _drain(
+        self, vols: list[CowVolume], deadline: float | None, unjournaled: bool = False
+    ) -> None:
+        """Wait until no preserve of `vols` is pending (their overlays are on the origin);
+        `unjournaled`: none whose overlay the journal does not hold entirely."""
         with self._cond:
-            while any(v.pending for v in vols):
+            while any(_draining(v, unjournaled) for v in vols):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise HoldTimeout("pending writes did not drain")
@@ -911,7 +963,7 @@ class Engine:
         _check_range(vol, offset, length)
         if fast:
             with self._lock:
-                if vol.held or vol.new_preserves(offset, length):
+                if vol.held or vol.behind(offset, length) or vol.new_preserves(offset, length):
                     raise NotSupported("a fast zero is not possible: chunks must be preserved")
         end = offset + length
         for pos in range(offset, end, ZERO_BATCH):
@@ -947,7 +999,7 @@ class Engine:
     ) -> str:
         """Apply a write or zero unless writes are held, the overlay has no room (WAIT) or
         the diff area has no room for its preserves (FULL). Lock held."""
-        if vol.held:
+        if vol.held or vol.behind(offset, length):
             return WAIT
         n = vol.new_preserves(offset, length) if vol.live_epochs else 0
         overlay = self._preserver.overlay_bytes
@@ -1038,10 +1090,15 @@ class Engine:
         return self._preserver.queue_nowait(vol, chunk, old, slot)
 
     def flush(self, vol: CowVolume | None = None) -> None:
-        """Every write applied before this call is durable when it returns (I2)."""
+        """Every write applied before this call is durable when it returns (I2): in the
+        journal (overlays included), or on the origin for the preserves whose overlays the
+        journal does not hold entirely (waited for)."""
         with self._cond:
-            self._preserver.wait_applied(self._preserver.queued_seq)
             vols = [vol] if vol is not None else list(self._volumes.values())
+            seq = max(
+                (p.seq for v in vols for p in v.pending.values() if not p.journaled), default=0
+            )
+            self._preserver.wait_applied(seq)
         for v in vols:
             faults.hit("flush.sync")
             v.origin.sync()
@@ -1057,6 +1114,13 @@ class Engine:
             raise OSError(
                 error.errno or errno.EIO, f"a write acknowledged earlier was lost: {error}"
             )
+
+    def settle(self) -> None:
+        """Wait until every preserve queued before this call is applied: its entry indexed,
+        its overlay on the origin. (`flush` need not wait for the preserves whose overlays
+        the journal holds; whoever reads the index or the origin file itself may.)"""
+        with self._cond:
+            self._preserver.wait_applied(self._preserver.queued_seq)
 
     # --- statistics ----------------------------------------------------------------------
 
@@ -1143,6 +1207,30 @@ def _read_diff(
         return
     assert entry[2] is not None
     reads.add(entry[1], vol.chunk_len(chunk), entry[2], start, stop, out, chunk)
+
+
+def _draining(vol: CowVolume, unjournaled: bool) -> bool:
+    """Has `vol` a pending preserve to wait for? (lock held)"""
+    if not unjournaled:
+        return bool(vol.pending)
+    return any(not p.journaled for p in vol.pending.values())
+
+
+def _paint_record(record: Record, chunks: list[int], images: dict[int, bytearray], cs: int) -> None:
+    """Apply a journal record to the images of `chunks` (sorted) it touches."""
+    if not record.length:
+        return
+    end = record.offset + record.length
+    lo = bisect_left(chunks, record.offset // cs)
+    hi = bisect_right(chunks, (end - 1) // cs)
+    for chunk in chunks[lo:hi]:
+        image, base = images[chunk], chunk * cs
+        a, b = max(record.offset, base), min(end, base + len(image))
+        if record.kind == J_DATA:
+            assert record.data is not None
+            image[a - base : b - base] = record.data[a - record.offset : b - record.offset]
+        else:
+            image[a - base : b - base] = zeroes(b - a)
 
 
 def _needed(vol: CowVolume, chunk: int, entry: Entry) -> bool:

@@ -51,8 +51,9 @@ def snapshot_allocation(vol: CowVolume, epoch: int, offset: int, end: int) -> li
         entry = vol.entry_for(chunk, epoch)
         if entry is not None:
             flags = HOLE if entry[1] == ZERO else 0
-        elif chunk in vol.pending:
-            flags = HOLE if vol.pending[chunk].slot == ZERO else 0
+        elif chunk in vol.pending:  # its old bytes, or (a newer snapshot) the overlay's
+            pending = vol.pending[chunk]
+            flags = HOLE if pending.slot == ZERO and epoch <= pending.epoch else 0
         else:
             continue  # the snapshot reads the origin here
         paint.append((*clip(vol, chunk, offset, end), flags))
@@ -64,8 +65,9 @@ def dirty(vol: CowVolume, lo: int, hi: int | None, offset: int, end: int) -> lis
     marked = []
     for chunk in changed_chunks(vol, offset, end):
         entry = vol.entry_for(chunk, lo)  # the first entry of an epoch >= lo
+        pending = vol.pending.get(chunk)
         if (entry is not None and (hi is None or entry[0] < hi)) or (
-            hi is None and chunk in vol.pending
+            pending is not None and lo <= pending.epoch and (hi is None or pending.epoch < hi)
         ):
             marked.append((*clip(vol, chunk, offset, end), 1))
     return _merge(_fill(marked, offset, end, 0))

@@ -1,8 +1,9 @@
 """An fsck of the engine's state, for tests and (later) `shadowblk verify`.
 
-Checks, per volume, under the engine lock: the in-memory index equals the catalog's rows;
-every diff slot is referenced at most once and never also free; every entry is needed by a
-live snapshot (the freeing rule of DESIGN.md leaves none behind).
+Checks, per volume, once the preserves queued so far are applied, under the engine lock:
+the in-memory index equals the catalog's rows; every diff slot is referenced at most once
+and never also free; every entry is needed by a live snapshot (the freeing rule of
+DESIGN.md leaves none behind).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 def check_consistency(engine: Engine) -> list[str]:
     """The problems found (an empty list when the state is consistent)."""
     problems: list[str] = []
+    engine.settle()
     with engine._lock:
         for vol in engine._volumes.values():
             problems += _check_volume(engine, vol)

@@ -26,6 +26,14 @@ first invalid one ends the replay.
 
 Ordering: the caller (Origin) writes the origin and appends the record under one lock, so
 the records of a block are in the order its writes reached the origin.
+
+Overlay records (`epoch` set) carry a write acknowledged into a chunk's overlay, before that
+chunk's preserve for `epoch` is durable (provider/cow.py): the origin does not have their
+bytes yet. The engine pins the first record of each such preserve (`Origin.pin`) until the
+overlay is on the origin, and a checkpoint never moves the start past a pinned record; at
+open, before any record is applied, the engine preserves, for every overlay record whose
+preserve never committed, the chunk as the records before it left it (`replay` hands the
+records to `prepare` first).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ log = logging.getLogger(__name__)
 
 NAME = "journal"
 MAGIC = b"SBJRNL01"
-VERSION = 1
+VERSION = 2  # 2: overlay records (an older shadowblk refuses the journal, never misreads it)
 SLOT = 4096  # one header slot
 RING = 2 * SLOT  # where the ring starts
 CAPACITY = 32 * 1024 * 1024  # ring bytes, at most
@@ -58,9 +66,11 @@ MAX_DATA = 32 * 1024  # larger writes go to the origin alone (a whole 64 KiB chu
 
 RECORD_MAGIC = 0x4C524253  # "SBRL"
 DATA, ZERO, PUNCH, WRAP = 1, 2, 3, 4
+OVERLAY = 1  # a record flag: an overlay write; its epoch (u64) follows the record header
 _HEADER = struct.Struct("<8sIIQQQ16s")  # magic, version, generation, seq, start, capacity, uuid
-_RECORD = struct.Struct("<IHHIIQQ")  # magic, kind, 0, generation, length, lsn, offset
+_RECORD = struct.Struct("<IHHIIQQ")  # magic, kind, flags, generation, length, lsn, offset
 _CHECK = struct.Struct("<Q")
+_EPOCH = struct.Struct("<Q")
 RECORD_HEADER = _RECORD.size + _CHECK.size  # 40
 
 
@@ -68,10 +78,11 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def _checksum(header: bytes, data: bytes | bytearray | memoryview | None) -> bytes:
+def _checksum(header: bytes, *parts: bytes | bytearray | memoryview | None) -> bytes:
     h = xxhash.xxh3_64(header)
-    if data is not None:
-        h.update(data)
+    for part in parts:
+        if part is not None:
+            h.update(part)
     return _CHECK.pack(h.intdigest())
 
 
@@ -81,9 +92,12 @@ class Record:
     offset: int
     length: int
     data: bytes | None
+    epoch: int | None = None  # an overlay record's: the epoch of its chunk's preserve
+    lsn: int = 0
 
 
 Apply = Callable[[Record], None]
+Prepare = Callable[[list[Record]], None]
 
 
 class Journal:
@@ -143,12 +157,12 @@ class Journal:
         for slot in (0, 1):
             raw = pread_full(self.fd, _HEADER.size + _CHECK.size, slot * SLOT)
             body, check = raw[: _HEADER.size], raw[_HEADER.size :]
-            if _checksum(body, None) != check:
+            if _checksum(body) != check:
                 continue
             magic, version, gen, seq, start, capacity, vid = _HEADER.unpack(body)
             if magic != MAGIC:
                 continue
-            if version > VERSION:
+            if version > VERSION or version < 1:
                 raise FormatError(f"journal {self.path} has version {version}: upgrade shadowblk")
             if best is None or seq > best[2]:
                 best = (gen, start, seq, capacity, vid)
@@ -168,15 +182,26 @@ class Journal:
         body = _HEADER.pack(
             MAGIC, VERSION, self.generation, self._seq, start, self.capacity, self._uuid
         )
-        block = (body + _checksum(body, None)).ljust(SLOT, b"\0")
+        block = (body + _checksum(body)).ljust(SLOT, b"\0")
         os.pwrite(self.fd, block, (self._seq % 2) * SLOT)
         os.fdatasync(self.fd)
 
-    def replay(self, apply: Apply, size: int) -> tuple[int, int]:
-        """Apply every valid record from the start, in order, to an origin of `size`
-        bytes; returns (records, bytes). The caller then makes the origin durable and calls
-        `restart`. Idempotent: a crash midway replays the same records again."""
-        lsn, records, nbytes = self.start, 0, 0
+    def replay(self, apply: Apply, size: int, prepare: Prepare | None = None) -> tuple[int, int]:
+        """Read every valid record from the start, hand them all to `prepare`, then apply
+        them in order to an origin of `size` bytes; returns (records, bytes). The caller
+        then makes the origin durable and calls `restart`. Idempotent: a crash midway
+        replays the same records again."""
+        found = self.records(size)
+        if prepare is not None:
+            prepare(found)
+        for record in found:
+            apply(record)
+        return len(found), sum(r.length for r in found)
+
+    def records(self, size: int) -> list[Record]:
+        """The valid records from the start, in order (WRAP records left out), for an
+        origin of `size` bytes; `head` is set after the last."""
+        lsn, found = self.start, []
         while lsn - self.start < self.capacity:
             room = self.capacity - lsn % self.capacity
             if room < RECORD_HEADER:
@@ -186,29 +211,35 @@ class Journal:
             if record is None:
                 break
             if record.kind != WRAP:
-                apply(record)
-                records, nbytes = records + 1, nbytes + record.length
+                found.append(record)
             lsn += size_of
         self.head = lsn
-        return records, nbytes
+        return found
 
     def _read_record(self, lsn: int, origin_size: int) -> tuple[Record | None, int]:
         phys = RING + lsn % self.capacity
         raw = pread_full(self.fd, RECORD_HEADER, phys)
         header, check = raw[: _RECORD.size], raw[_RECORD.size :]
-        magic, kind, _, gen, length, rec_lsn, offset = _RECORD.unpack(header)
+        magic, kind, flags, gen, length, rec_lsn, offset = _RECORD.unpack(header)
         if magic != RECORD_MAGIC or gen != self.generation or rec_lsn != lsn:
             return None, 0
         if kind == WRAP:
             room = self.capacity - lsn % self.capacity
-            return (Record(WRAP, 0, 0, None), room) if _checksum(header, None) == check else (
+            return (Record(WRAP, 0, 0, None), room) if _checksum(header) == check else (
                 None, 0)  # fmt: skip
-        if kind not in (DATA, ZERO, PUNCH) or offset + length > origin_size:
+        if kind not in (DATA, ZERO, PUNCH) or flags & ~OVERLAY or offset + length > origin_size:
             return None, 0
-        data = pread_full(self.fd, length, phys + RECORD_HEADER) if kind == DATA else None
-        if _checksum(header, data) != check:
+        extra = _EPOCH.size if flags & OVERLAY else 0
+        body_len = extra + (length if kind == DATA else 0)
+        if RECORD_HEADER + body_len > self.capacity - lsn % self.capacity:
             return None, 0
-        return Record(kind, offset, length, data), _align8(RECORD_HEADER + (len(data or b"")))
+        body = pread_full(self.fd, body_len, phys + RECORD_HEADER) if body_len else b""
+        if _checksum(header, body) != check:
+            return None, 0
+        epoch = _EPOCH.unpack_from(body)[0] if extra else None
+        data = body[extra:] if kind == DATA else None
+        record = Record(kind, offset, length, data, epoch, lsn)
+        return record, _align8(RECORD_HEADER + body_len)
 
     def restart(self) -> None:
         """After a replay and an fdatasync of the origin: an empty journal of the next
@@ -223,18 +254,25 @@ class Journal:
         return self.head - self.start
 
     def append(
-        self, kind: int, offset: int, length: int, data: bytes | bytearray | memoryview | None
-    ) -> bool:
-        """Append one record (not durable until `sync`); False, appending nothing, when the
-        journal does not take it (too large, or no room before the next checkpoint)."""
+        self,
+        kind: int,
+        offset: int,
+        length: int,
+        data: bytes | bytearray | memoryview | None,
+        epoch: int | None = None,
+    ) -> int | None:
+        """Append one record (not durable until `sync`): an overlay record if `epoch` is
+        given. Returns its log position; None, appending nothing, when the journal does not
+        take it (too large, or no room before the next checkpoint)."""
         if kind == DATA and length > MAX_DATA:
-            return False
-        size = _align8(RECORD_HEADER + (length if kind == DATA else 0))
+            return None
+        extra = 0 if epoch is None else _EPOCH.size
+        size = _align8(RECORD_HEADER + extra + (length if kind == DATA else 0))
         lsn = self.head
         room = self.capacity - lsn % self.capacity
         waste = room if size > room else 0
         if lsn + waste + size - self.start > self.capacity:
-            return False
+            return None
         faults.hit("journal.append")
         if isinstance(data, bytearray) or isinstance(data, memoryview) and not data.readonly:
             # an overlay's write-back passes the overlay itself, which a later write may
@@ -243,11 +281,11 @@ class Journal:
             data = bytes(data)
         if waste:
             if room >= RECORD_HEADER:
-                self._write(WRAP, 0, 0, None, lsn)
+                self._write(WRAP, 0, 0, None, None, lsn)
             lsn += waste
-        self._write(kind, offset, length, data, lsn)
+        self._write(kind, offset, length, data, epoch, lsn)
         self.head = lsn + size
-        return True
+        return lsn
 
     def _write(
         self,
@@ -255,13 +293,17 @@ class Journal:
         offset: int,
         length: int,
         data: bytes | bytearray | memoryview | None,
+        epoch: int | None,
         lsn: int,
     ) -> None:
-        header = _RECORD.pack(RECORD_MAGIC, kind, 0, self.generation, length, lsn, offset)
-        buffers: list[bytes | bytearray | memoryview] = [header, _checksum(header, data)]
-        if data is not None:
-            buffers.append(data)
-        total = RECORD_HEADER + (0 if data is None else len(data))
+        flags = 0 if epoch is None else OVERLAY
+        header = _RECORD.pack(RECORD_MAGIC, kind, flags, self.generation, length, lsn, offset)
+        tag = None if epoch is None else _EPOCH.pack(epoch)
+        buffers: list[bytes | bytearray | memoryview] = [header, _checksum(header, tag, data)]
+        for part in (tag, data):
+            if part is not None:
+                buffers.append(part)
+        total = sum(len(b) for b in buffers)
         if os.pwritev(self.fd, buffers, RING + lsn % self.capacity) != total:
             raise OSError(errno.ENOSPC, "short write to the origin journal")
 

@@ -10,6 +10,12 @@ every write of the origin is also appended there, under one lock so a block's re
 in the order its writes happened, and `sync` is then an fdatasync of the journal. A write
 the journal does not take makes the next `sync` a `checkpoint`: an fdatasync of the origin
 itself, after which the journal's start moves past everything it covered.
+
+Overlay writes (a chunk whose preserve is not yet durable, provider/cow.py) are journaled
+too, without touching the origin (`log_overlay`); the first record of each preserve is
+pinned until its overlay is on the origin. A checkpoint cuts the journal at its head once
+every record pinned before the cut is unpinned: a partial cut could leave older records
+to be replayed over a write the journal did not take, undoing it.
 """
 
 from __future__ import annotations
@@ -37,9 +43,16 @@ from .fileio import (
     zero_block_range,
     zero_file_range,
 )
-from .journal import DATA, PUNCH, ZERO, Journal, Record
+from .journal import DATA, PUNCH, ZERO, Journal, Prepare, Record
 
 log = logging.getLogger(__name__)
+
+PIN_WAIT = 0.05  # seconds a background checkpoint waits for pinned overlays, at most
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds to `deadline` (monotonic), at least 0; None: no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class Origin:
@@ -54,6 +67,8 @@ class Origin:
         self.on_dirty: Callable[[], None] | None = None  # told when `dirty` becomes true
         self.journal: Journal | None = None
         self._jlock = threading.Lock()  # an origin write and its record, in one order
+        self._unpinned = threading.Condition(self._jlock)  # a pin went (checkpoints wait)
+        self._pins: dict[int, None] = {}  # log positions of pinned records, oldest first
         self._ckpt_lock = threading.Lock()  # one checkpoint at a time
         self._unlogged = 0  # writes the journal did not take
         self._covered = 0  # how many of those a completed checkpoint made durable
@@ -124,12 +139,45 @@ class Origin:
     def pread_into(self, offset: int, view: memoryview) -> None:
         preadv_full(self.fd, view, offset)
 
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, log: bool = True) -> None:
+        """Write, and journal the write (`log` False: its bytes are in pinned overlay
+        records already, an overlay's write-back)."""
         faults.hit("origin.pwrite")
         with self._jlock:
             pwrite_full(self.fd, data, offset)
-            self._log(DATA, offset, len(data), data)
+            if log:
+                self._log(DATA, offset, len(data), data)
         self._dirtied()
+
+    def log_overlay(
+        self,
+        kind: int,
+        offset: int,
+        length: int,
+        data: bytes | bytearray | memoryview | None,
+        epoch: int,
+        pin: bool,
+    ) -> int | None:
+        """Journal an overlay write of `epoch`'s preserve (the origin is not written);
+        `pin`: keep it from checkpoints until `unpin`. Its log position, or None if the
+        journal did not take it (the caller then drains that preserve before a sync)."""
+        with self._jlock:
+            if self.journal is None:
+                return None
+            try:
+                lsn = self.journal.append(kind, offset, length, data, epoch)
+            except OSError as e:
+                log.error("origin %s: journal append failed: %s", self.path, e)
+                return None
+            if lsn is not None and pin:
+                self._pins[lsn] = None
+            return lsn
+
+    def unpin(self, lsn: int) -> None:
+        """The overlay whose first record is at `lsn` is on the origin."""
+        with self._jlock:
+            del self._pins[lsn]
+            self._unpinned.notify_all()
 
     def _dirtied(self) -> None:
         if not self.dirty:
@@ -144,12 +192,13 @@ class Origin:
             self.dirty = False
             start_writeback(self.fd)
 
-    def zero(self, offset: int, length: int, *, punch: bool) -> None:
+    def zero(self, offset: int, length: int, *, punch: bool, log: bool = True) -> None:
         """Make a range read as zeroes: BLKZEROOUT on a block device (never a discard),
-        a punched hole (`punch`) or an allocated zero range on a file."""
+        a punched hole (`punch`) or an allocated zero range on a file. `log` as `pwrite`."""
         with self._jlock:
             self._zero(offset, length, punch)
-            self._log(PUNCH if punch else ZERO, offset, length, None)
+            if log:
+                self._log(PUNCH if punch else ZERO, offset, length, None)
         self._dirtied()
 
     def _zero(self, offset: int, length: int, punch: bool) -> None:
@@ -165,7 +214,7 @@ class Origin:
         if the journal does not take it."""
         if self.journal is not None:
             try:
-                if self.journal.append(kind, offset, length, data):
+                if self.journal.append(kind, offset, length, data) is not None:
                     self._append_failing = False
                     return
             except OSError as e:  # the origin has the write: the next sync checkpoints
@@ -185,16 +234,20 @@ class Origin:
     def advise_willneed(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    def attach_journal(self, path: Path, volume_uuid: str) -> tuple[int, int]:
-        """Open (or create) the journal at `path`, replay it onto the origin, make the
-        origin durable, start the journal's next generation and log every later write
-        there. Before anything reads the origin. Returns (records, bytes) replayed."""
+    def attach_journal(
+        self, path: Path, volume_uuid: str, prepare: Prepare | None = None
+    ) -> tuple[int, int]:
+        """Open (or create) the journal at `path`, replay it onto the origin (`prepare`
+        sees every record first: the engine preserves what overlay records would
+        overwrite), make the origin durable, start the journal's next generation and log
+        every later write there. Before anything else reads the origin. Returns (records,
+        bytes) replayed."""
         if path.exists():
             journal = Journal.open(path, volume_uuid)
         else:
             journal = Journal.create(path, volume_uuid, self.size)
         try:
-            replayed = journal.replay(self._apply, self.size)
+            replayed = journal.replay(self._apply, self.size, prepare)
             os.fdatasync(self.fd)
             journal.restart()
         except BaseException:
@@ -210,28 +263,42 @@ class Origin:
         else:
             self._zero(record.offset, record.length, record.kind == PUNCH)
 
-    def sync(self) -> None:
+    def sync(self, deadline: float | None = None) -> None:
         """Every write made before this call is durable on return: an fdatasync of the
         journal, or a checkpoint if a write bypassed it. A background checkpoint's failure
-        is raised here, once, as a disk reports a failed writeback."""
+        is raised here, once, as a disk reports a failed writeback. `deadline` (monotonic)
+        bounds a checkpoint's wait for pinned overlays (TimeoutError)."""
         error, self._error = self._error, None
         if error is not None:
             raise error
         with self._jlock:
             journal = None if self._unlogged > self._covered else self.journal
         if journal is None:
-            self.checkpoint()
+            self.checkpoint(deadline)
         else:
             journal.sync()
 
-    def checkpoint(self) -> None:
+    def needs_checkpoint(self) -> bool:
+        """Will the next `sync` be a checkpoint? (a write bypassed the journal)"""
+        return self._unlogged > self._covered or self.journal is None
+
+    def checkpoint(self, deadline: float | None = None) -> None:
         """Make the origin itself durable, then move the journal's start past every record
-        that sync covered (so a replay never undoes a write the journal did not take)."""
-        with self._ckpt_lock:
+        that sync covered (so a replay never undoes a write the journal did not take).
+        Waits first until no record before the cut is pinned (its overlay is not on the
+        origin yet); `deadline` bounds that wait and the one for another checkpoint
+        (TimeoutError)."""
+        wait = _remaining(deadline)
+        if not self._ckpt_lock.acquire(timeout=-1 if wait is None else wait):
+            raise TimeoutError("another checkpoint of the origin is still running")
+        try:
             if self.closed:  # the writeback thread may still hold a removed volume's origin
                 return
             with self._jlock:
                 cut = self.journal.head if self.journal is not None else 0
+                while self._pins and next(iter(self._pins)) < cut:
+                    if not self._unpinned.wait(_remaining(deadline)):
+                        raise TimeoutError("pinned overlay records did not reach the origin")
                 unlogged = self._unlogged
             try:
                 faults.hit("checkpoint.sync")
@@ -242,6 +309,8 @@ class Origin:
             finally:
                 self.checkpointed = time.monotonic()
             self._covered = max(self._covered, unlogged)
+        finally:
+            self._ckpt_lock.release()
 
     def background_checkpoint(self, age: float) -> None:
         """A checkpoint, if one is due: the journal is a quarter full, or it (or a write it
@@ -253,7 +322,9 @@ class Origin:
         if not due or self._error is not None or not self.checkpoint_waiting():
             return
         try:
-            self.checkpoint()
+            self.checkpoint(time.monotonic() + PIN_WAIT)
+        except TimeoutError:  # overlays still on their way to the origin: next time
+            pass
         except OSError as e:
             log.error("origin %s: checkpoint failed: %s", self.path, e)
             self._error = e

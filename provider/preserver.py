@@ -236,7 +236,7 @@ class Preserver:
         the mark must be on disk before the overlay overwrites the origin, or a crash in
         between would leave an `ok` snapshot reading the new bytes."""
         with self._cond:
-            updates = [u for p in batch for u in self._invalidate_readers(p.volume, p.chunk, why)]
+            updates = [u for p in batch for u in self._invalidate_readers(p, why)]
         if updates:
             self._persist_states(updates)
 
@@ -254,14 +254,15 @@ class Preserver:
             vol.remove_entry(p.chunk, entry)
             garbage.setdefault(vol, []).append((p.chunk, entry))
 
-    def _invalidate_readers(self, vol: CowVolume, chunk: int, why: str) -> list[tuple[str, str]]:
+    def _invalidate_readers(self, p: Pending, why: str) -> list[tuple[str, str]]:
         """Mark invalid (in memory) every live snapshot that needed the chunk whose preserve
-        failed; returns the state updates to persist. Lock held."""
-        entries = vol.index.get(chunk)
+        failed (newer snapshots read the overlay); returns the state updates to persist.
+        Lock held."""
+        entries = p.volume.index.get(p.chunk)
         newest = entries[-1][0] if entries else -1
         updates = []
-        for snap in vol.snapshots.values():
-            if snap.epoch > newest and snap.state != "invalid":
+        for snap in p.volume.snapshots.values():
+            if newest < snap.epoch <= p.epoch and snap.state != "invalid":
                 log.error("snapshot %s is invalid: %s", snap.name, why)
                 snap.state = "invalid"
                 updates.append((snap.id, "invalid"))

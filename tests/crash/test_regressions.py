@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from shadowblk.provider.engine import Engine
 from shadowblk.provider.fsck import check_consistency
@@ -65,3 +68,60 @@ def test_a_write_during_an_uncommitted_delete_is_still_preserved(tmp_path: Path)
     finally:
         engine.close()
     assert os.path.exists(state / "catalog.db")
+
+
+CHILD_NO_DRAIN = textwrap.dedent(
+    """
+    import os, sys
+    from shadowblk.provider import faults
+    from shadowblk.provider.engine import Engine
+
+    engine = Engine.open(sys.argv[1])
+    engine.create_volume("v", size=16 * 65536)
+    dev = engine.open_export("v")
+    dev.write(0, bytes([1]) * 16 * 65536)
+    engine.create_snapshot_set(["v"])
+    dev.flush()
+    faults.arm("preserve.write=delay:30000")  # the preserver stalls on its first copy
+    dev.write(2 * 65536 + 4096, bytes([2]) * 4096)  # acknowledged into overlays, journaled
+    dev.write(5 * 65536, bytes([5]) * 4096)
+    dev.zero(7 * 65536, 4096, punch=False)
+    engine.create_snapshot_set(["v"])  # v@2, with those three preserves still pending
+    dev.write(9 * 65536, bytes([9]) * 4096)  # a chunk v@2 needs preserved
+    dev.flush()
+    os._exit(137)  # the crash: not one preserve committed
+    """
+)
+
+
+def test_overlay_writes_journaled_before_their_preserve_survive_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Snapshot creation does not wait for preserves: the writes in overlays are durable
+    # through the journal alone. Replaying them must preserve first what they overwrite,
+    # for each snapshot that needs it, or v@1 would come back with v@2's bytes.
+    state = tmp_path / "state"
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD_NO_DRAIN, str(state)], check=False, timeout=60
+    )
+    assert child.returncode == 137
+    with caplog.at_level(logging.WARNING, logger="shadowblk.engine"):
+        engine = Engine.open(state)
+    try:
+        old = bytes([1]) * 16 * CHUNK
+        second = bytearray(old)
+        second[2 * CHUNK + 4096 : 2 * CHUNK + 8192] = bytes([2]) * 4096
+        second[5 * CHUNK : 5 * CHUNK + 4096] = bytes([5]) * 4096
+        second[7 * CHUNK : 7 * CHUNK + 4096] = bytes(4096)
+        live = bytearray(second)
+        live[9 * CHUNK : 9 * CHUNK + 4096] = bytes([9]) * 4096
+        for name, expected in (("v@1", old), ("v@2", second), ("v", live)):
+            dev = engine.open_export(name)
+            try:
+                assert dev.pread(0, 16 * CHUNK) == expected, f"{name} after the crash"
+            finally:
+                dev.close()
+        assert check_consistency(engine) == []
+        assert "preserved 4 chunks that journaled writes overwrite" in caplog.text
+    finally:
+        engine.close()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from exports import connect
+from exports import connect, wait_preserves_applied
 
 from shadowblk.tools.client import ControlClient
 
@@ -68,10 +68,16 @@ def test_an_origin_write_error_is_that_errno_on_the_fuse_file(
     assert service.cli.run("status").returncode == 0
 
 
-def test_a_lost_write_back_is_eio_at_the_next_fsync(service: Any, fuse_fd: int) -> None:
+@pytest.mark.parametrize("size", [BLOCK, 65536])
+def test_a_lost_write_back_is_eio_at_the_next_fsync(
+    service: Any, fuse_fd: int, size: int
+) -> None:
+    # as tests/system/test_failing_storage.py: a journaled write's is the next fsync after
     service.cli.run("create", "v")
     arm(service, "origin.write=eio")
-    os.pwrite(fuse_fd, b"z" * BLOCK, MiB)  # acknowledged from the overlay; write-back fails
+    os.pwrite(fuse_fd, b"z" * size, MiB)  # acknowledged from the overlay; write-back fails
+    if size < 65536:
+        wait_preserves_applied(service, "v")
     expect_errno(errno.EIO, os.fsync, fuse_fd)
     os.fsync(fuse_fd)  # reported once
     assert (service.state_dir / "fuse" / "v@1").read_bytes() == b"a" * (4 * MiB)

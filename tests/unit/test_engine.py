@@ -68,6 +68,7 @@ def test_one_copy_however_many_snapshots(engine: Engine) -> None:
     before = engine.statistics()["chunks_preserved"]
     write(engine, "v", 3 * CHUNK + 100, b"z" * 4096)
     engine.flush()
+    engine.settle()  # the copy is the preserver's, after the write
     stats = engine.statistics()
     assert stats["chunks_preserved"] - before == 1
     assert stats["volumes"]["v"]["entries"] == 1
@@ -429,7 +430,7 @@ def test_a_failing_diff_area_invalidates_snapshots_never_the_write(
     try:
         new = os.urandom(CHUNK)
         write(engine, "v", 2 * CHUNK, new)  # acknowledged: the preserve fails after
-        engine.flush()
+        engine.settle()
     finally:
         faults.disarm()
     assert read(engine, "v", 2 * CHUNK, CHUNK) == new
@@ -527,7 +528,7 @@ def test_huge_sparse_volume_snapshots_without_a_scan(engine: Engine) -> None:
     engine.create_snapshot_set(["big"])
     write(engine, "big", (15 << 40) - 4096, b"f" * 4096)
     assert read(engine, "big@1", (15 << 40) - 4096) == b"e" * 4096
-    engine.flush()
+    engine.settle()
     assert engine.statistics()["volumes"]["big"]["changed_chunks"] == 1
 
 
@@ -610,7 +611,7 @@ def test_zeroing_preserves_as_zero_entries_without_copying_zeroes(engine: Engine
         dev.zero(0, size, punch=True)
     finally:
         dev.close()
-    engine.flush()
+    engine.settle()
     stats = engine.statistics()
     assert stats["zero_entries"] == 39 * 16  # what read as zeroes: nothing copied
     assert stats["volumes"]["v"]["diff_bytes"] == 1 << 20
@@ -705,7 +706,7 @@ def test_a_block_device_origin(engine: Engine, loop_device: str, tmp_path: Path)
         dev.close()
     assert read(engine, "b@1") == before
     assert read(engine, "b", CHUNK, 3 * CHUNK) == bytes(3 * CHUNK)
-    engine.flush()  # the overlay reaches the device once the preserves are durable
+    engine.settle()  # the overlay reaches the device once the preserves are durable
     with open(loop_device, "rb") as raw:  # read back through the kernel, not the engine
         raw.seek(CHUNK)
         assert raw.read(3 * CHUNK) == bytes(3 * CHUNK)
@@ -727,7 +728,7 @@ def test_a_trim_over_preserved_chunks_leaves_holes_on_a_sparse_volume(engine: En
         dev.write(2 * CHUNK, b"d" * 100)  # data over part of the zeroed range, after it
     finally:
         dev.close()
-    engine.flush()
+    engine.settle()
     origin = Path(info.origin)
     with open(origin, "rb") as f:  # punched, not written zeroes: holes around the data
         data_at = [os.lseek(f.fileno(), pos, os.SEEK_DATA) for pos in (CHUNK, 2 * CHUNK + 4096)]
@@ -762,14 +763,14 @@ def test_a_failed_preserve_invalidates_durably_before_the_write_lands(
     seen: list[str] = []
     origin_pwrite = vol.origin.pwrite
 
-    def watched_pwrite(offset: int, data: bytes | bytearray | memoryview) -> None:
+    def watched_pwrite(offset: int, data: bytes | bytearray | memoryview, log: bool = True) -> None:
         seen.append(catalog_state())
-        origin_pwrite(offset, data)
+        origin_pwrite(offset, data, log)
 
     monkeypatch.setattr(vol.diff, "write", failing_write)
     monkeypatch.setattr(vol.origin, "pwrite", watched_pwrite)
     write(engine, "v", 4096, b"n" * 4096)
-    engine.flush()
+    engine.settle()
     assert seen and set(seen) == {"invalid"}  # durable before the origin changed
     monkeypatch.undo()
     assert read(engine, "v", 4096, 4096) == b"n" * 4096
@@ -810,7 +811,7 @@ def test_a_write_during_the_write_back_of_its_batch_reaches_the_origin(engine: E
         write(engine, "v", 0, b"z" * 4096)
         write(engine, "v", a, new_a)
         write(engine, "v", b, new_b)
-        engine.flush()
+        engine.settle()
     finally:
         faults.disarm()
         vol.write_back = real_write_back  # type: ignore[method-assign]

@@ -8,7 +8,8 @@ write-back rounds and new writes to pending chunks overlap all the time, and som
 find new writes while others find none. (With the round loop of finding 5 in
 docs/reliability.md, which re-checked only the chunks it had just written again, this
 test failed five runs out of five.)
-Checked at the end, after a FLUSH:
+Checked at the end, after a FLUSH, once every preserve is applied (`settle`: a FLUSH makes
+the overlays durable through the journal, not on the origin file):
 - the origin file itself (read with os.pread, not through the engine) holds each block's
   last acknowledged write (I2; a write dropped with its overlay shows here);
 - the engine reads the same;
@@ -99,6 +100,7 @@ def test_concurrent_writes_during_write_back_all_reach_the_origin(engine: Engine
         for t in threads:
             t.join()
     engine.flush()
+    engine.settle()
     assert len(last) > CHUNKS, "the writers wrote almost nothing"
     path = engine._volumes["v"].origin.path
     with open(path, "rb") as origin:
