@@ -91,6 +91,13 @@ class BlockDevice(Protocol):
         """Apply a write, blocking while the overlay is full or writes are held."""
         ...
 
+    def wait_writable(self, offset: int, length: int, notify: Callable[[], None]) -> bool:
+        """After `write_nowait` said False: True if the write waits only for something that
+        ends by itself (a snapshot's hold, overlay room); `notify()` is called once, from
+        any thread, when it may go ahead: call `write_nowait` again. False: call
+        `write_nowait` again now, or `write` from a worker thread."""
+        ...
+
     def flush(self) -> None:
         """Make every write applied before this call durable (blocking)."""
         ...

@@ -131,7 +131,11 @@ class Engine:
         )
         catalog.on_commit = self._writeback.poke
         self._gate = Gate()  # lets the preserver take `_lock` between inline I/O calls
-        self._preserver = Preserver(self._cond, self._gate, catalog, self._free, self.stats)
+        # one-shot callbacks of writes waiting outside a thread (wait_writable)
+        self._waiters: list[Callable[[], None]] = []
+        self._preserver = Preserver(
+            self._cond, self._gate, catalog, self._free, self.stats, self._wake_waiters
+        )
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -632,6 +636,7 @@ class Engine:
                     for v in vols:
                         v.held -= 1
                     self._cond.notify_all()
+                    self._wake_waiters()
             phases["total"] = _ms_since(started)
             with self._lock:  # statistics() copies the history under it
                 self._create_phases.append(phases)
@@ -994,16 +999,48 @@ class Engine:
             with self._cond:
                 self._preserver.wait_applied(seq)
 
+    def wait_writable(
+        self, vol: CowVolume, offset: int, length: int, notify: Callable[[], None]
+    ) -> bool:
+        """For a write `write_nowait` refused: True if it waits only for what ends by
+        itself (a snapshot's hold, the preserve of an earlier epoch, room in the overlay);
+        `notify()` is then called once, from any thread, when that may have changed: try
+        `write_nowait` again. False: try it again now, or call `write` in a thread. (The
+        NBD server waits so in a task: no worker thread per held write.)"""
+        _check_range(vol, offset, length)
+        with self._lock:
+            if vol.row["full_policy"] == "fail-writes" and vol.new_preserves(offset, length):
+                return False
+            if self._must_wait(vol, offset, length) is not None:
+                return False
+            self._waiters.append(notify)
+            return True
+
+    def _wake_waiters(self) -> None:
+        """Writes waiting in `wait_writable` may go ahead now (lock held)."""
+        waiters, self._waiters = self._waiters, []
+        for notify in waiters:
+            with contextlib.suppress(Exception):  # its event loop is gone: nobody waits
+                notify()
+
+    def _must_wait(self, vol: CowVolume, offset: int, length: int) -> int | None:
+        """None if the write must wait (held, behind, overlay full); else how many chunks
+        it would start preserving. Lock held."""
+        if vol.held or vol.behind(offset, length):
+            return None
+        n = vol.new_preserves(offset, length) if vol.live_epochs else 0
+        overlay = self._preserver.overlay_bytes
+        if n and overlay and overlay + n * vol.chunk_size > OVERLAY_CAP:
+            return None
+        return n
+
     def _try_apply(
         self, vol: CowVolume, offset: int, length: int, data: Buffer | None, punch: bool
     ) -> str:
         """Apply a write or zero unless writes are held, the overlay has no room (WAIT) or
         the diff area has no room for its preserves (FULL). Lock held."""
-        if vol.held or vol.behind(offset, length):
-            return WAIT
-        n = vol.new_preserves(offset, length) if vol.live_epochs else 0
-        overlay = self._preserver.overlay_bytes
-        if n and overlay and overlay + n * vol.chunk_size > OVERLAY_CAP:
+        n = self._must_wait(vol, offset, length)
+        if n is None:
             return WAIT
         if n and not self._has_room(vol, n * vol.chunk_size):
             return FULL

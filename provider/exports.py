@@ -7,6 +7,7 @@ snapshot is None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import ReadOnly
@@ -67,6 +68,9 @@ class OriginDevice(_Device):
     def write(self, offset: int, data: Buffer) -> None:
         self._engine.write(self._vol, offset, data)
 
+    def wait_writable(self, offset: int, length: int, notify: Callable[[], None]) -> bool:
+        return self._engine.wait_writable(self._vol, offset, length, notify)
+
     def flush(self) -> None:
         self._engine.flush(self._vol)
 
@@ -93,6 +97,9 @@ class SnapshotDevice(_Device):
         raise ReadOnly(f"snapshot {self.name} is read-only")
 
     def write(self, offset: int, data: Buffer) -> None:
+        raise ReadOnly(f"snapshot {self.name} is read-only")
+
+    def wait_writable(self, offset: int, length: int, notify: Callable[[], None]) -> bool:
         raise ReadOnly(f"snapshot {self.name} is read-only")
 
     def flush(self) -> None:

@@ -79,12 +79,14 @@ class Preserver:
         catalog: Catalog,
         free: Callable[[CowVolume, list[tuple[int, Entry]]], None],
         stats: dict[str, int],
+        on_applied: Callable[[], None] = lambda: None,
     ) -> None:
         self._cond = cond
         self._gate = gate
         self._catalog = catalog
         self._free = free
         self._stats = stats
+        self._on_applied = on_applied  # called under the lock after each batch is applied
         self._queue: list[Pending] = []
         self._state_updates: list[tuple[str, str]] = []  # (snapshot id, state)
         self._stopping = False
@@ -205,6 +207,7 @@ class Preserver:
             self.overlay_bytes -= len(p.new)
         self.applied_seq = batch[-1].seq
         self._cond.notify_all()
+        self._on_applied()
 
     def _persist(self, batch: list[Pending]) -> None:
         """Write and sync the data of a batch, then commit its entries: durable on return."""

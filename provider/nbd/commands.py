@@ -115,7 +115,22 @@ async def _write(t: Transmission, request: Request, payload: Buffer) -> None:
     elif applied:
         await t.start_blocking(request, t.device.flush)
     else:
-        await t.start_blocking(request, partial(_write_blocking, t.device, request, payload))
+        retry = None
+        if not fua:  # a held write waits in a task, then is applied inline: no thread
+            retry = Retry(
+                partial(t.device.wait_writable, request.offset, request.length),
+                partial(t.device.write_nowait, request.offset, payload),
+            )
+        work = partial(_write_blocking, t.device, request, payload)
+        await t.start_blocking(request, work, retry)
+
+
+class Retry(NamedTuple):
+    """A write `write_nowait` refused that may wait in its task instead of a worker thread
+    (`Transmission.start_blocking`)."""
+
+    wait: Callable[[Callable[[], None]], bool]  # the device's wait_writable, for its range
+    apply: Callable[[], bool]  # its write_nowait
 
 
 def _write_blocking(device: BlockDevice, request: Request, payload: Buffer) -> None:

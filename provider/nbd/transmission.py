@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -199,19 +200,28 @@ class Transmission:
 
     # Blocking work.
 
-    async def start_blocking(self, request: Request, work: Work) -> None:
-        """Run `work` in a worker thread from a child task, then reply (see `Work`)."""
+    async def start_blocking(
+        self, request: Request, work: Work, retry: commands.Retry | None = None
+    ) -> None:
+        """Run `work` in a worker thread from a child task, then reply (see `Work`).
+        `retry`: first wait in the task while the engine says the write waits for what
+        ends by itself (a snapshot's hold), then apply it inline; `work` only if not."""
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             await self.wire.flush()  # the replies queued so far, before waiting on a slot
             await self._slots.acquire()
-        self._nursery.start_soon(self._finish_blocking, request, work)
+        self._nursery.start_soon(self._finish_blocking, request, work, retry)
 
-    async def _finish_blocking(self, request: Request, work: Work) -> None:
+    async def _finish_blocking(
+        self, request: Request, work: Work, retry: commands.Retry | None
+    ) -> None:
         try:
             try:
-                parts = await trio.to_thread.run_sync(work)
+                if retry is not None and await _retried(retry):
+                    parts = None
+                else:
+                    parts = await trio.to_thread.run_sync(work)
             except Exception as exc:
                 error = self._request_error(exc, request)
                 await self.reply_error(request, error.error, error.message)
@@ -239,3 +249,18 @@ class Transmission:
             return RequestError(nbd_errno(exc.errno), str(exc))
         log.error("%s: unexpected error", what, exc_info=exc)
         return RequestError(NBD_EIO, "internal error (logged by the server)")
+
+
+async def _retried(retry: commands.Retry) -> bool:
+    """Wait, in this task, each time the engine says the write waits for what ends by
+    itself, and apply it inline once woken; False: it needs a worker thread after all.
+    A worker thread per held write costs a thread hop each way, and at the end of a
+    snapshot's hold they all wake at once, competing with the creation's reply."""
+    token = trio.lowlevel.current_trio_token()
+    while True:
+        woken = trio.Event()
+        if not retry.wait(partial(token.run_sync_soon, woken.set)):
+            return retry.apply()
+        await woken.wait()
+        if retry.apply():
+            return True

@@ -140,6 +140,9 @@ class FakeDevice:
         store.apply(offset, data)
         store.blocking_writes += 1
 
+    def wait_writable(self, offset: int, length: int, notify: object) -> bool:
+        return False  # a held write goes to `write`, in a thread
+
     def flush(self) -> None:
         self._live().flush()
 
