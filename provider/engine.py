@@ -48,6 +48,7 @@ import uuid
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -130,6 +131,9 @@ class Engine:
             lambda: [v.origin for v in list(self._volumes.values())], catalog
         )
         catalog.on_commit = self._writeback.poke
+        # creation's origin syncs, beside its catalog work (more than one: a sync stuck past
+        # its creation's hold limit must not hold up the next creation)
+        self._syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="create-sync")
         self._gate = Gate()  # lets the preserver take `_lock` between inline I/O calls
         # one-shot callbacks of writes waiting outside a thread (wait_writable)
         self._waiters: list[Callable[[], None]] = []
@@ -178,6 +182,7 @@ class Engine:
         """Drain every preserve, make the origins durable, release everything."""
         self._preserver.stop()
         self._writeback.stop()
+        self._syncers.shutdown()
         for vol in self._volumes.values():
             vol.origin.checkpoint()
             vol.origin.close()
@@ -188,6 +193,7 @@ class Engine:
 
     def _abandon(self) -> None:
         """Release what a failed open had opened (origins are locked while open)."""
+        self._syncers.shutdown(wait=False)
         for vol in self._volumes.values():
             with contextlib.suppress(OSError):
                 vol.origin.close()
@@ -652,20 +658,22 @@ class Engine:
         phases: dict[str, float],
     ) -> list[Snapshot]:
         """Writes held: drain what the journal does not hold, sync, commit; `phases` gets
-        each step's time in ms."""
+        each step's time in ms.
+
+        The origins' sync (their journals') runs in a helper thread while this one waits
+        for the catalog (a preserve batch's commit, often) and writes the rows; COMMIT
+        only once the sync is done, so a committed snapshot never lacks a write
+        acknowledged before it. A sync that must checkpoint runs first, on its own: it
+        may wait for pinned overlays, whose preserves need the catalog."""
         step = time.perf_counter()
         self._drain(vols, deadline, unjournaled=True)
         phases["drain"], step = _ms_since(step), time.perf_counter()
-        for v in vols:
-            faults.hit("snapshot.sync")
-            try:
-                v.origin.sync(deadline)
-            except TimeoutError:
-                raise HoldTimeout("writes could not be flushed") from None
-        phases["sync"], step = _ms_since(step), time.perf_counter()
-        if time.monotonic() > deadline:
-            raise HoldTimeout("writes could not be flushed")
-        faults.hit("snapshot.commit")
+        synced: Future[float] = Future()
+        if any(v.origin.needs_checkpoint() for v in vols):
+            synced.set_result(_sync_origins(vols, deadline))
+            step = time.perf_counter()
+        else:
+            synced = self._syncers.submit(_sync_origins, vols, deadline)
         set_id, created = str(uuid.uuid4()), utc_now()
         snaps = [
             Snapshot(
@@ -704,6 +712,15 @@ class Engine:
                 t.execute(
                     "UPDATE volumes SET epoch=?, next_seq=? WHERE id=?", (s.epoch, s.seq + 1, v.id)
                 )
+            phases["catalog"] = _ms_since(step)
+            try:
+                phases["sync"] = synced.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:  # the wait, or the sync's own for pinned overlays
+                raise HoldTimeout("writes could not be flushed") from None
+            if time.monotonic() > deadline:
+                raise HoldTimeout("writes could not be flushed")
+            step = time.perf_counter()
+            faults.hit("snapshot.commit")
         faults.hit("snapshot.committed")
         phases["commit"] = _ms_since(step)
         with self._lock:
@@ -1244,6 +1261,18 @@ def _read_diff(
         return
     assert entry[2] is not None
     reads.add(entry[1], vol.chunk_len(chunk), entry[2], start, stop, out, chunk)
+
+
+def _sync_origins(vols: list[CowVolume], deadline: float) -> float:
+    """Make every write to `vols` durable (Origin.sync); returns the time it took, in ms."""
+    start = time.perf_counter()
+    for v in vols:
+        faults.hit("snapshot.sync")
+        try:
+            v.origin.sync(deadline)
+        except TimeoutError:  # its wait for pinned overlays
+            raise HoldTimeout("writes could not be flushed") from None
+    return _ms_since(start)
 
 
 def _draining(vol: CowVolume, unjournaled: bool) -> bool:

@@ -114,7 +114,8 @@ def _service_side(bench: Bench, label: str, history: list[dict[str, float]], loa
 
     totals = [h["total"] for h in history]
     notes = (f"in the service, p50 / p99 ms: hold {both('hold')}, drain {both('drain')}, "
-             f"sync {both('sync')}, commit {both('commit')}; {load}")  # fmt: skip
+             f"sync {both('sync')} beside catalog {both('catalog')}, then commit "
+             f"{both('commit')}; {load}")  # fmt: skip
     bench.add(f"create.service_p50_ms.{label}", percentile(totals, 50), "ms", notes=notes)
     bench.add(f"create.service_p99_ms.{label}", percentile(totals, 99), "ms", notes=notes)
 
