@@ -632,20 +632,25 @@ class Engine:
             finally:
                 self._cond.release()
             phases = {"hold": _ms_since(started)}
+            snaps: list[Snapshot] = []
             try:
                 attrs = {"auto_release": True} if auto_release else {}
                 snaps = self._commit_set(vols, label, deadline, attrs, phases)
             except HoldTimeout as exc:
                 raise HoldTimeout(_over_hold(exc.message, hold_timeout)) from None
             finally:
-                with self._cond:
+                with self._cond:  # one taking of the lock: it is contended by the I/O path
+                    for v, s in zip(vols, snaps, strict=False):  # committed: the new epochs
+                        v.epoch, v.next_seq = s.epoch, s.seq + 1
+                        v.done = BitMap64()
+                        v.add_snapshot(s)
                     for v in vols:
                         v.held -= 1
                     self._cond.notify_all()
                     self._wake_waiters()
-            phases["total"] = _ms_since(started)
-            with self._lock:  # statistics() copies the history under it
-                self._create_phases.append(phases)
+                    if snaps:  # statistics() copies the history under the lock
+                        phases["total"] = _ms_since(started)
+                        self._create_phases.append(phases)
             # new snapshots: nothing preserved for them yet, no index scan
             return [_snapshot_info(s, 0) for s in snaps]
 
@@ -657,8 +662,8 @@ class Engine:
         attrs: dict[str, Any],
         phases: dict[str, float],
     ) -> list[Snapshot]:
-        """Writes held: drain what the journal does not hold, sync, commit; `phases` gets
-        each step's time in ms.
+        """Writes held: drain what the journal does not hold, sync, commit (the caller then
+        opens the new epochs and releases the hold); `phases` gets each step's time in ms.
 
         The origins' sync (their journals') runs in a helper thread while this one waits
         for the catalog (a preserve batch's commit, often) and writes the rows; COMMIT
@@ -723,11 +728,6 @@ class Engine:
             faults.hit("snapshot.commit")
         faults.hit("snapshot.committed")
         phases["commit"] = _ms_since(step)
-        with self._lock:
-            for v, s in zip(vols, snaps, strict=True):
-                v.epoch, v.next_seq = s.epoch, s.seq + 1
-                v.done = BitMap64()
-                v.add_snapshot(s)
         return snaps
 
     def _drain(
