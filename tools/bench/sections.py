@@ -125,13 +125,15 @@ def cow(bench: Bench) -> None:
         count, pending = preserved[key]
         note = f"{notes[key]}; shadowblk preserved {count} chunks"
         if pending:
-            note += f" ({pending} still pending after the FLUSH: a bug)"
+            note += (f" ({pending} still pending after the FLUSH: their writes durable in the "
+                     "journal, the copies finished after)")
         bench.add(f"cow.{key}", *ours[key], COW_PEER, peer[key], note)
 
 
 def settled_entries(control: Any, volume: str, timeout: float = 60) -> tuple[int, int]:
     """The volume's entries once no preserve is pending, and how many were pending at
-    first (the jobs end with a FLUSH, after which none should be)."""
+    first (the jobs end with a FLUSH, which need not wait for the preserves of writes
+    the journal holds)."""
     deadline = time.monotonic() + timeout
     stats = volume_stats(control, volume)
     pending = int(stats["pending"])
