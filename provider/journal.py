@@ -27,13 +27,13 @@ first invalid one ends the replay.
 Ordering: the caller (Origin) writes the origin and appends the record under one lock, so
 the records of a block are in the order its writes reached the origin.
 
-Overlay records (`epoch` set) carry a write acknowledged into a chunk's overlay, before that
-chunk's preserve for `epoch` is durable (provider/cow.py): the origin does not have their
-bytes yet. The engine pins the first record of each such preserve (`Origin.pin`) until the
-overlay is on the origin, and a checkpoint never moves the start past a pinned record; at
-open, before any record is applied, the engine preserves, for every overlay record whose
-preserve never committed, the chunk as the records before it left it (`replay` hands the
-records to `prepare` first).
+Overlay records (`epoch` set) carry a write acknowledged into a chunk's overlay, before
+that chunk's preserve for `epoch` is durable (provider/cow.py): the origin does not have
+their bytes yet. The first record of each such preserve is pinned (`Origin.log_overlay`)
+until the overlay is on the origin, and a checkpoint never moves the start past a pinned
+record; at open, before any record is applied, the engine preserves, for every overlay
+record whose preserve never committed, the chunk as the records before it left it
+(`replay` hands the records to `prepare` first).
 """
 
 from __future__ import annotations

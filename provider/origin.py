@@ -166,9 +166,13 @@ class Origin:
                 return None
             try:
                 lsn = self.journal.append(kind, offset, length, data, epoch)
-            except OSError as e:
-                log.error("origin %s: journal append failed: %s", self.path, e)
+            except OSError as e:  # that preserve is drained before the next sync instead
+                if not self._append_failing:  # once per run of failures, not per write
+                    log.error("origin %s: journal append failed (%s): syncs wait for the "
+                              "preserves until it works again", self.path, e)  # fmt: skip
+                self._append_failing = True
                 return None
+            self._append_failing = False
             if lsn is not None and pin:
                 self._pins[lsn] = None
             return lsn
