@@ -1138,8 +1138,13 @@ class Engine:
         vol.warned = False
 
     def _start_preserve(self, vol: CowVolume, chunk: int) -> Pending:
-        """Read a chunk's current contents and queue their preserve (lock held)."""
-        old = vol.origin.pread(chunk * vol.chunk_size, vol.chunk_len(chunk))
+        """Read a chunk's current contents and queue their preserve (lock held). A hole
+        is not read: a zero entry, with no page cache filled with zeroes to compare (the
+        first writes to a sparse volume after a snapshot)."""
+        base, length = chunk * vol.chunk_size, vol.chunk_len(chunk)
+        if vol.origin.is_hole(base, length):
+            return self._preserver.queue_nowait(vol, chunk, zeroes(length), ZERO)
+        old = vol.origin.pread(base, length)
         slot = ZERO if old == zeroes(len(old)) else vol.diff.allocate()
         return self._preserver.queue_nowait(vol, chunk, old, slot)
 

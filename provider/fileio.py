@@ -131,6 +131,15 @@ def data_extents(
     return runs
 
 
+def is_hole(fd: int, offset: int, length: int) -> bool:
+    """Is [offset, offset+length) of a regular file a hole? One SEEK_DATA (which sees
+    data still in the page cache); a filesystem without it says no."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        return e.errno == errno.ENXIO  # no data after offset
+
+
 def zero_block_range(fd: int, offset: int, length: int) -> None:
     """Zero a range of a block device with BLKZEROOUT (never BLKDISCARD)."""
     fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))

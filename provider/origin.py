@@ -35,6 +35,7 @@ from .fileio import (
     data_extents,
     device_size,
     fsync_dir,
+    is_hole,
     ofd_lock,
     pread_full,
     preadv_full,
@@ -135,6 +136,10 @@ class Origin:
     def pread(self, offset: int, length: int) -> bytes:
         faults.hit("origin.read")
         return pread_full(self.fd, length, offset)
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """Does the range read as zeroes without being allocated? (never on a device)"""
+        return self.kind == "file" and is_hole(self.fd, offset, length)
 
     def pread_into(self, offset: int, view: memoryview) -> None:
         preadv_full(self.fd, view, offset)

@@ -855,3 +855,33 @@ def test_a_write_held_by_a_creation_is_told_when_it_may_go_ahead(engine: Engine)
         dev.close()
     assert read(engine, "v@1", 0, 4096) == bytes(4096)
     assert read(engine, "v", 0, 4096) == b"w" * 4096
+
+
+def test_a_hole_is_preserved_without_reading_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first write to a hole of a sparse volume after a snapshot preserves a zero entry
+    without reading the chunk (SEEK_DATA); a chunk whose data is still only in the page
+    cache is no hole, and is read and copied."""
+    engine.create_volume("s", size=1 << 20, sparse=True)
+    write(engine, "s", 3 * CHUNK, b"d" * 4096)  # never synced: in the page cache only
+    engine.create_snapshot_set(["s"])
+    vol = engine._volumes["s"]
+    reads: list[int] = []
+    real_pread = vol.origin.pread
+
+    def counted(offset: int, length: int) -> bytes:
+        reads.append(offset)
+        return real_pread(offset, length)
+
+    monkeypatch.setattr(vol.origin, "pread", counted)
+    write(engine, "s", 5 * CHUNK, b"h" * 4096)  # a hole
+    write(engine, "s", 3 * CHUNK + 8192, b"n" * 4096)  # the data chunk
+    engine.settle()
+    monkeypatch.undo()
+    assert reads == [3 * CHUNK]  # the data chunk was read; the hole was not
+    stats = engine.statistics()
+    assert (stats["chunks_preserved"], stats["zero_entries"]) == (2, 1)
+    assert read(engine, "s@1", 5 * CHUNK, CHUNK) == bytes(CHUNK)
+    assert read(engine, "s@1", 3 * CHUNK, 4096) == b"d" * 4096
+    assert read(engine, "s", 5 * CHUNK, 4096) == b"h" * 4096
