@@ -81,7 +81,7 @@ from .fileio import flock_exclusive, pread_full
 from .journal import DATA as J_DATA
 from .journal import NAME as JOURNAL
 from .journal import Record
-from .origin import Origin
+from .origin import CheckpointWait, Origin
 from .preserver import Gate, Preserver
 from .volumes import (
     DEFAULT_CHUNK_SIZE,
@@ -720,7 +720,9 @@ class Engine:
             phases["catalog"] = _ms_since(step)
             try:
                 phases["sync"] = synced.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:  # the wait, or the sync's own for pinned overlays
+            except TimeoutError:
+                if synced.done():  # the sync's own error (an fdatasync's ETIMEDOUT), not ours
+                    raise
                 raise HoldTimeout("writes could not be flushed") from None
             if time.monotonic() > deadline:
                 raise HoldTimeout("writes could not be flushed")
@@ -1275,7 +1277,7 @@ def _sync_origins(vols: list[CowVolume], deadline: float) -> float:
         faults.hit("snapshot.sync")
         try:
             v.origin.sync(deadline)
-        except TimeoutError:  # its wait for pinned overlays
+        except CheckpointWait:  # pinned overlays not on the origin within the hold limit
             raise HoldTimeout("writes could not be flushed") from None
     return _ms_since(start)
 

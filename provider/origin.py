@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 PIN_WAIT = 0.05  # seconds a background checkpoint waits for pinned overlays, at most
 
 
+class CheckpointWait(Exception):
+    """A checkpoint's deadline passed while it waited (for pinned overlays, or for another
+    checkpoint): nothing was synced. Not an OSError: an fdatasync's ETIMEDOUT is an I/O
+    error and stays one."""
+
+
 def _remaining(deadline: float | None) -> float | None:
     """Seconds to `deadline` (monotonic), at least 0; None: no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -276,7 +282,7 @@ class Origin:
         """Every write made before this call is durable on return: an fdatasync of the
         journal, or a checkpoint if a write bypassed it. A background checkpoint's failure
         is raised here, once, as a disk reports a failed writeback. `deadline` (monotonic)
-        bounds a checkpoint's wait for pinned overlays (TimeoutError)."""
+        bounds a checkpoint's wait for pinned overlays (CheckpointWait)."""
         error, self._error = self._error, None
         if error is not None:
             raise error
@@ -296,10 +302,10 @@ class Origin:
         that sync covered (so a replay never undoes a write the journal did not take).
         Waits first until no record before the cut is pinned (its overlay is not on the
         origin yet); `deadline` bounds that wait and the one for another checkpoint
-        (TimeoutError)."""
+        (CheckpointWait)."""
         wait = _remaining(deadline)
         if not self._ckpt_lock.acquire(timeout=-1 if wait is None else wait):
-            raise TimeoutError("another checkpoint of the origin is still running")
+            raise CheckpointWait("another checkpoint of the origin is still running")
         try:
             if self.closed:  # the writeback thread may still hold a removed volume's origin
                 return
@@ -307,7 +313,7 @@ class Origin:
                 cut = self.journal.head if self.journal is not None else 0
                 while self._pins and next(iter(self._pins)) < cut:
                     if not self._unpinned.wait(_remaining(deadline)):
-                        raise TimeoutError("pinned overlay records did not reach the origin")
+                        raise CheckpointWait("pinned overlay records did not reach the origin")
                 unlogged = self._unlogged
             try:
                 faults.hit("checkpoint.sync")
@@ -332,7 +338,7 @@ class Origin:
             return
         try:
             self.checkpoint(time.monotonic() + PIN_WAIT)
-        except TimeoutError:  # overlays still on their way to the origin: next time
+        except CheckpointWait:  # overlays still on their way to the origin: next time
             pass
         except OSError as e:
             log.error("origin %s: checkpoint failed: %s", self.path, e)

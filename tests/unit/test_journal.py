@@ -9,7 +9,9 @@ its own file descriptor, a path that does not go through the journal.
 from __future__ import annotations
 
 import errno
+import os
 import random
+import time
 import uuid
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from shadowblk.provider import faults
 from shadowblk.provider import journal as journal_mod
 from shadowblk.provider.errors import FormatError
 from shadowblk.provider.fileio import pread_full
-from shadowblk.provider.journal import RING, SLOT, Journal
-from shadowblk.provider.origin import Origin
+from shadowblk.provider.journal import DATA, RING, SLOT, Journal
+from shadowblk.provider.origin import CheckpointWait, Origin
 
 BLOCK = 4096
 BLOCKS = 16
@@ -173,6 +175,44 @@ def test_a_failed_append_keeps_the_write_and_the_next_sync_checkpoints(tmp_path:
     disk.power_loss(keep=0)
     disk.reopen()
     assert pread_full(disk.origin.fd, BLOCK, 2 * BLOCK) == bytes([0x42]) * BLOCK
+    disk.origin.close()
+
+
+def test_a_checkpoint_does_not_cut_past_a_pinned_overlay_record(tmp_path: Path) -> None:
+    """An overlay record's bytes are not on the origin until its preserve's write-back:
+    a checkpoint waits for the pin (and gives up at its deadline, cutting nothing)."""
+    disk = Disk(tmp_path)
+    journal = disk.origin.journal
+    assert journal is not None
+    lsn = disk.origin.log_overlay(DATA, 0, BLOCK, b"o" * BLOCK, epoch=1, pin=True)
+    assert lsn is not None
+    disk.origin.pwrite(BLOCK, b"d" * BLOCK)  # a later record, the cut would pass both
+    with pytest.raises(CheckpointWait):
+        disk.origin.checkpoint(time.monotonic() + 0.05)
+    assert journal.start <= lsn  # nothing cut: a replay still finds the overlay record
+    disk.origin.unpin(lsn)
+    disk.origin.checkpoint()
+    assert journal.start > lsn
+    disk.origin.close()
+
+
+def test_a_background_checkpoint_keeps_an_etimedout_for_the_next_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fdatasync's ETIMEDOUT is an I/O error (a TimeoutError by its class): the next
+    sync reports it, as any failed background checkpoint, never drops it."""
+    disk = Disk(tmp_path)
+    disk.origin.pwrite(0, b"x" * BLOCK)
+
+    def timed_out(fd: int) -> None:
+        raise OSError(errno.ETIMEDOUT, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", timed_out)
+    disk.origin.background_checkpoint(0)
+    monkeypatch.undo()
+    with pytest.raises(OSError) as info:
+        disk.origin.sync()
+    assert info.value.errno == errno.ETIMEDOUT
     disk.origin.close()
 
 
