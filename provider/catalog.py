@@ -227,6 +227,12 @@ class _Txn:
     def executemany(self, sql: str, rows: list[tuple[object, ...]]) -> sqlite3.Cursor:
         return self._db.executemany(sql, rows)
 
+    def insert_chunks(self, rows: list[tuple[int, int, int, int | None, bytes | None]]) -> None:
+        """Preserved entries: (volume_id, chunk, epoch, slot or None, hash or None)."""
+        self._db.executemany(
+            "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)", rows
+        )
+
     def executescript_in_txn(self, script: str) -> None:
         for statement in script.split(";"):
             if statement.strip():

@@ -68,6 +68,15 @@ def zeroes(length: int) -> bytes:
 Entry = tuple[int, int, bytes | None]  # (epoch, slot, xxh3-128)
 
 
+Row = tuple[int, int, int, int | None, bytes | None]  # a `chunks` row of the catalog
+
+
+def entry_row(volume_id: int, chunk: int, entry: Entry) -> Row:
+    """An entry as the catalog's `chunks` row holds it (a zero entry: slot NULL)."""
+    epoch, slot, digest = entry
+    return (volume_id, chunk, epoch, None if slot == ZERO else slot, digest)
+
+
 def _epoch(entry: Entry) -> int:
     return entry[0]
 

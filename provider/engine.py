@@ -59,7 +59,7 @@ from pyroaring import BitMap64
 from . import extents, faults
 from .api import HOLD_TIMEOUT, SnapshotInfo, VolumeInfo
 from .catalog import Catalog
-from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, zeroes
+from .cow import ZERO, CowVolume, Entry, Pending, Snapshot, entry_row, zeroes
 from .diffarea import DiffArea, Gather, chunk_hash, legacy_chunk_hash
 from .errors import (
     AlreadyExists,
@@ -309,10 +309,7 @@ class Engine:
             rows.append((chunk, (epoch, slot, digest)))
         vol.diff.sync()
         with self.catalog.transaction() as t:
-            t.executemany(
-                "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",
-                [(vol.id, c, e[0], None if e[1] == ZERO else e[1], e[2]) for c, e in rows],
-            )
+            t.insert_chunks([entry_row(vol.id, chunk, entry) for chunk, entry in rows])
         for chunk, entry in rows:
             vol.insert_entry(chunk, entry)
         log.warning("volume %s: preserved %d chunks that journaled writes overwrite (their "

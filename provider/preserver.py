@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 from . import faults
 from .catalog import Catalog
-from .cow import ZERO, CowVolume, Entry, Pending
+from .cow import ZERO, CowVolume, Entry, Pending, entry_row
 from .diffarea import chunk_hash
 
 log = logging.getLogger("shadowblk.preserver")
@@ -224,12 +224,8 @@ class Preserver:
             diff.sync()
         faults.hit("preserve.commit")
         with self._catalog.transaction() as t:
-            t.executemany(
-                "INSERT INTO chunks (volume_id, chunk, epoch, slot, hash) VALUES (?,?,?,?,?)",
-                [
-                    (p.volume.id, p.chunk, p.epoch, None if p.slot == ZERO else p.slot, p.hash)
-                    for p in batch
-                ],
+            t.insert_chunks(
+                [entry_row(p.volume.id, p.chunk, (p.epoch, p.slot, p.hash)) for p in batch]
             )
         faults.hit("preserve.committed")
         self._stats["commits"] += 1

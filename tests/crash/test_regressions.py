@@ -16,17 +16,29 @@ from shadowblk.provider.fsck import check_consistency
 
 CHUNK = 65536
 
-CHILD = textwrap.dedent(
-    """
-    import os, sys, threading, time
-    from shadowblk.provider import faults
-    from shadowblk.provider.engine import Engine
+# Each child: volume v of 16 chunks of bytes([1]), snapshot v@1, then its own steps, and
+# os._exit(137) (the crash) at a chosen moment.
+SETUP = """
+import os, sys, threading, time
+from shadowblk.provider import faults
+from shadowblk.provider.engine import Engine
 
-    engine = Engine.open(sys.argv[1])
-    engine.create_volume("v", size=16 * 65536)
-    dev = engine.open_export("v")
-    dev.write(0, bytes([1]) * 16 * 65536)
-    engine.create_snapshot_set(["v"])
+engine = Engine.open(sys.argv[1])
+engine.create_volume("v", size=16 * 65536)
+dev = engine.open_export("v")
+dev.write(0, bytes([1]) * 16 * 65536)
+engine.create_snapshot_set(["v"])
+"""
+
+
+def crash(steps: str, state: Path) -> None:
+    """Run SETUP and `steps` in a child process, which must die by os._exit(137)."""
+    script = SETUP + textwrap.dedent(steps)
+    child = subprocess.run([sys.executable, "-c", script, str(state)], check=False, timeout=60)
+    assert child.returncode == 137, f"the child ended with {child.returncode}, not the crash"
+
+
+CHILD = """
     dev.write(0, bytes([2]) * 65536)  # chunks 0 and 3: preserved for v@1
     dev.write(3 * 65536, bytes([4]) * 65536)
     engine.create_snapshot_set(["v"])  # v@2 alone reads chunk 3 from the origin
@@ -38,7 +50,6 @@ CHILD = textwrap.dedent(
     dev.flush()
     os._exit(137)  # the crash, while the delete has not committed
     """
-)
 
 
 def test_a_write_during_an_uncommitted_delete_is_still_preserved(tmp_path: Path) -> None:
@@ -46,8 +57,7 @@ def test_a_write_during_an_uncommitted_delete_is_still_preserved(tmp_path: Path)
     # snapshot from memory before its commit, so this write went to the origin unpreserved
     # and the snapshot, still on disk after the crash, came back changed.
     state = tmp_path / "state"
-    child = subprocess.run([sys.executable, "-c", CHILD, str(state)], check=False, timeout=60)
-    assert child.returncode == 137
+    crash(CHILD, state)
     engine = Engine.open(state)
     try:
         assert [s.name for s in engine.snapshots()] == ["v@1", "v@2"]
@@ -70,17 +80,7 @@ def test_a_write_during_an_uncommitted_delete_is_still_preserved(tmp_path: Path)
     assert os.path.exists(state / "catalog.db")
 
 
-CHILD_NO_DRAIN = textwrap.dedent(
-    """
-    import os, sys
-    from shadowblk.provider import faults
-    from shadowblk.provider.engine import Engine
-
-    engine = Engine.open(sys.argv[1])
-    engine.create_volume("v", size=16 * 65536)
-    dev = engine.open_export("v")
-    dev.write(0, bytes([1]) * 16 * 65536)
-    engine.create_snapshot_set(["v"])
+CHILD_NO_DRAIN = """
     dev.flush()
     faults.arm("preserve.write=delay:30000")  # the preserver stalls on its first copy
     dev.write(2 * 65536 + 4096, bytes([2]) * 4096)  # acknowledged into overlays, journaled
@@ -91,7 +91,6 @@ CHILD_NO_DRAIN = textwrap.dedent(
     dev.flush()
     os._exit(137)  # the crash: not one preserve committed
     """
-)
 
 
 def test_overlay_writes_journaled_before_their_preserve_survive_a_crash(
@@ -101,10 +100,7 @@ def test_overlay_writes_journaled_before_their_preserve_survive_a_crash(
     # through the journal alone. Replaying them must preserve first what they overwrite,
     # for each snapshot that needs it, or v@1 would come back with v@2's bytes.
     state = tmp_path / "state"
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD_NO_DRAIN, str(state)], check=False, timeout=60
-    )
-    assert child.returncode == 137
+    crash(CHILD_NO_DRAIN, state)
     with caplog.at_level(logging.WARNING, logger="shadowblk.engine"):
         engine = Engine.open(state)
     try:
