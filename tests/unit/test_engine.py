@@ -830,27 +830,37 @@ def test_a_write_during_the_write_back_of_its_batch_reaches_the_origin(engine: E
     assert check_consistency(engine) == []
 
 
-def test_a_write_held_by_a_creation_is_told_when_it_may_go_ahead(engine: Engine) -> None:
+def test_a_write_held_by_a_creation_is_told_when_it_may_go_ahead(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`wait_writable`: what the NBD server uses so a held write waits in its task, not in
     a worker thread of its own."""
     engine.create_volume("v", size=1 << 20)
     dev = engine.open_export("v")
-    faults.arm("snapshot.sync=delay:500")  # the creation holds writes for half a second
+    syncing, release = threading.Event(), threading.Event()
+    real_sync = engine_module._sync_origins
+
+    def gated_sync(*args: Any) -> float:  # the creation holds writes until released
+        syncing.set()
+        assert release.wait(30), "the test never released the creation"
+        return real_sync(*args)
+
+    monkeypatch.setattr(engine_module, "_sync_origins", gated_sync)
     creating = threading.Thread(target=engine.create_snapshot_set, args=(["v"],))
     try:
         creating.start()
-        while not engine._volumes["v"].held:  # the hold is taken (a liveness wait)
-            assert creating.is_alive(), "the creation ended before holding writes"
-            time.sleep(0.001)
-        assert not dev.write_nowait(0, b"w" * 4096)
+        assert syncing.wait(30), "the creation never reached its sync"
+        assert not dev.write_nowait(0, b"w" * 4096)  # held
         woken = threading.Event()
         assert dev.wait_writable(0, 4096, woken.set)
+        assert not woken.is_set()  # still held
+        release.set()
         assert woken.wait(30), "the held write was never woken"
         creating.join(30)
         assert dev.write_nowait(0, b"w" * 4096)
         assert not dev.wait_writable(0, 4096, woken.set)  # nothing to wait for now
     finally:
-        faults.disarm()
+        release.set()
         creating.join(30)
         dev.close()
     assert read(engine, "v@1", 0, 4096) == bytes(4096)
