@@ -22,6 +22,9 @@ State per volume, all guarded by the engine lock (the caller holds it for every 
   stalls no other I/O), again for what later writes changed meanwhile, and only then
   drops the pending preserve (`finish_preserve`). Until then origin reads and writes still
   use `new`, and snapshot reads find the entry: none of them reads that chunk's origin.
+  A write-back that fails keeps the preserve pending (`stuck`, `write_back_failed`) and
+  its records pinned, and the preserver retries it: an acknowledged write is never
+  dropped because the origin refused it once.
 
 A chunk in epoch E is done, pending, or neither; done and pending only between the
 indexing and the end of the write-back. "Neither" writes go
@@ -97,6 +100,7 @@ class Pending:
     dirty: list[list[int]] = field(default_factory=list)
     journaled: bool = True  # every write to `new` is in the origin's journal
     pin: int | None = None  # the log position of its first (pinned) journal record
+    stuck: OSError | None = None  # its write-back failed: kept in the overlay, retried
 
     def update(self, start: int, data: bytes | bytearray | memoryview, how: int = 0) -> None:
         """Apply a write (or, with `how`, a zeroing) to the overlay and remember the range:
@@ -462,13 +466,23 @@ class CowVolume:
             return e
         return None
 
-    def finish_preserve(self, pending: Pending, error: OSError | None) -> None:
+    def finish_preserve(self, pending: Pending) -> None:
         """The overlay is on the origin: out of the overlay (lock held)."""
-        if error is not None and self.origin_error is None:
-            self.origin_error = error
         del self.pending[pending.chunk]
         if pending.pin is not None:
             self.origin.unpin(pending.pin)
+
+    def write_back_failed(self, pending: Pending, error: OSError) -> None:
+        """The overlay could not be written to the origin (lock held). It stays in the
+        overlay, which reads and writes keep using, with all of `new` to write on the next
+        try; its pinned records stay in the journal, the only durable copy of its
+        journaled writes. The first failure is kept for the next FLUSH."""
+        if pending.stuck is None and self.origin_error is None:
+            self.origin_error = error
+        pending.stuck = error
+        pending.dirty.insert(0, [0, len(pending.new), DATA])
+        if pending.pin is not None:
+            self.origin.stall(pending.pin, error)
 
     # --- freeing -------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ from .fileio import flock_exclusive, pread_full
 from .journal import DATA as J_DATA
 from .journal import NAME as JOURNAL
 from .journal import Record
-from .origin import CheckpointWait, Origin
+from .origin import CheckpointWait, Origin, OverlayStuck
 from .preserver import Gate, Preserver
 from .volumes import (
     DEFAULT_CHUNK_SIZE,
@@ -184,7 +184,11 @@ class Engine:
         self._writeback.stop()
         self._syncers.shutdown()
         for vol in self._volumes.values():
-            vol.origin.checkpoint()
+            try:
+                vol.origin.checkpoint()
+            except OverlayStuck as e:  # the preserver's last try failed too
+                log.error("%s: the journal is kept as it is, and replayed at the next start", e)
+                vol.origin.sync_uncut()
             vol.origin.close()
             vol.diff.close()
         self._volumes.clear()
@@ -736,6 +740,9 @@ class Engine:
         `unjournaled`: none whose overlay the journal does not hold entirely."""
         with self._cond:
             while any(_draining(v, unjournaled) for v in vols):
+                stuck = _stuck(vols, unjournaled)
+                if stuck is not None:  # retried every second; nobody waits for it here
+                    raise stuck
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise HoldTimeout("pending writes did not drain")
@@ -1165,13 +1172,17 @@ class Engine:
             failed = [(v, v.origin_error) for v in vols if v.origin_error is not None]
             for v, _ in failed:
                 v.origin_error = None
+            unsafe = _stuck(vols, unjournaled=True)
         for v, error in failed:  # reported once, as a disk reports a failed writeback
             log.error(
                 "volume %s: an acknowledged write did not reach the origin: %s", v.name, error
             )
             raise OSError(
-                error.errno or errno.EIO, f"a write acknowledged earlier was lost: {error}"
+                error.errno or errno.EIO,
+                f"a write acknowledged earlier could not be written to the origin: {error}",
             )
+        if unsafe is not None:  # not durable anywhere until its write-back works
+            raise unsafe
 
     def settle(self) -> None:
         """Wait until every preserve queued before this call is applied: its entry indexed,
@@ -1277,6 +1288,20 @@ def _sync_origins(vols: list[CowVolume], deadline: float) -> float:
         except CheckpointWait:  # pinned overlays not on the origin within the hold limit
             raise HoldTimeout("writes could not be flushed") from None
     return _ms_since(start)
+
+
+def _stuck(vols: list[CowVolume], unjournaled: bool) -> OSError | None:
+    """The error for a preserve of `vols` (`unjournaled`: one the journal does not hold
+    entirely) whose write-back the origin refused, if any (lock held)."""
+    for v in vols:
+        for p in v.pending.values():
+            if p.stuck is not None and not (unjournaled and p.journaled):
+                return OSError(
+                    p.stuck.errno or errno.EIO,
+                    f"volume {v.name}: an acknowledged write is not on the origin yet, which "
+                    f"refused it ({p.stuck}); it is kept in memory and tried again",
+                )
+    return None
 
 
 def _draining(vol: CowVolume, unjournaled: bool) -> bool:

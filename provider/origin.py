@@ -15,7 +15,10 @@ Overlay writes (a chunk whose preserve is not yet durable, provider/cow.py) are 
 too, without touching the origin (`log_overlay`); the first record of each preserve is
 pinned until its overlay is on the origin. A checkpoint cuts the journal at its head once
 every record pinned before the cut is unpinned: a partial cut could leave older records
-to be replayed over a write the journal did not take, undoing it.
+to be replayed over a write the journal did not take, undoing it. An overlay whose
+write-back failed stays pinned (`stall`: the journal is then the only durable copy of its
+writes) while the preserver retries it; a checkpoint that finds such a pin before its cut
+raises `OverlayStuck` at once instead of waiting, and cuts nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ class CheckpointWait(Exception):
     error and stays one."""
 
 
+class OverlayStuck(OSError):
+    """A checkpoint found an overlay whose write-back to the origin failed (it is retried):
+    its writes are durable only in the journal, so the journal cannot be cut before it."""
+
+    def __init__(self, path: Path, error: OSError | None) -> None:
+        super().__init__(
+            errno.EIO,
+            f"origin {path}: an acknowledged write could not be written back to it "
+            f"({error}); the journal keeps it while the write-back is retried",
+        )
+
+
 def _remaining(deadline: float | None) -> float | None:
     """Seconds to `deadline` (monotonic), at least 0; None: no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -75,7 +90,9 @@ class Origin:
         self.journal: Journal | None = None
         self._jlock = threading.Lock()  # an origin write and its record, in one order
         self._unpinned = threading.Condition(self._jlock)  # a pin went (checkpoints wait)
-        self._pins: dict[int, None] = {}  # log positions of pinned records, oldest first
+        # log positions of pinned records, oldest first: None, or the error of its failed
+        # write-back (`stall`)
+        self._pins: dict[int, OSError | None] = {}
         self._ckpt_lock = threading.Lock()  # one checkpoint at a time
         self._unlogged = 0  # writes the journal did not take
         self._covered = 0  # how many of those a completed checkpoint made durable
@@ -194,6 +211,13 @@ class Origin:
             del self._pins[lsn]
             self._unpinned.notify_all()
 
+    def stall(self, lsn: int, error: OSError) -> None:
+        """The write-back of the overlay pinned at `lsn` failed: it stays pinned, and a
+        checkpoint stops at it (OverlayStuck) until `unpin`."""
+        with self._jlock:
+            self._pins[lsn] = error
+            self._unpinned.notify_all()
+
     def _dirtied(self) -> None:
         if not self.dirty:
             self.dirty = True
@@ -302,7 +326,8 @@ class Origin:
         that sync covered (so a replay never undoes a write the journal did not take).
         Waits first until no record before the cut is pinned (its overlay is not on the
         origin yet); `deadline` bounds that wait and the one for another checkpoint
-        (CheckpointWait)."""
+        (CheckpointWait). A pinned overlay whose write-back failed is not waited for:
+        OverlayStuck, nothing synced."""
         wait = _remaining(deadline)
         if not self._ckpt_lock.acquire(timeout=-1 if wait is None else wait):
             raise CheckpointWait("another checkpoint of the origin is still running")
@@ -311,7 +336,9 @@ class Origin:
                 return
             with self._jlock:
                 cut = self.journal.head if self.journal is not None else 0
-                while self._pins and next(iter(self._pins)) < cut:
+                while self._pins and (first := next(iter(self._pins))) < cut:
+                    if self._pins[first] is not None:
+                        raise OverlayStuck(self.path, self._pins[first])
                     if not self._unpinned.wait(_remaining(deadline)):
                         raise CheckpointWait("pinned overlay records did not reach the origin")
                 unlogged = self._unlogged
@@ -327,6 +354,13 @@ class Origin:
         finally:
             self._ckpt_lock.release()
 
+    def sync_uncut(self) -> None:
+        """Make the origin and its journal durable without cutting the journal (a closing
+        engine whose checkpoint an overlay's failed write-back stops: OverlayStuck)."""
+        os.fdatasync(self.fd)
+        if self.journal is not None:
+            self.journal.sync()
+
     def background_checkpoint(self, age: float) -> None:
         """A checkpoint, if one is due: the journal is a quarter full, or it (or a write it
         did not take) has waited `age` seconds since the last. A failure waits for the next
@@ -338,7 +372,7 @@ class Origin:
             return
         try:
             self.checkpoint(time.monotonic() + PIN_WAIT)
-        except CheckpointWait:  # overlays still on their way to the origin: next time
+        except (CheckpointWait, OverlayStuck):  # overlays not on the origin yet: next time
             pass
         except OSError as e:
             log.error("origin %s: checkpoint failed: %s", self.path, e)

@@ -15,6 +15,12 @@ Design notes
 - A preserve that fails (diff-area I/O error, ENOSPC from its filesystem, a catalog error)
   still lets its write reach the origin: the snapshots that needed the chunk are marked
   invalid instead (DESIGN.md: a diff-area error after the ack invalidates, never drops).
+- A write-back the origin refuses (EIO, ENOSPC) leaves its preserve in the overlay
+  (`CowVolume.write_back_failed`): reads and writes keep using it, its journal records stay
+  pinned, and this thread tries the whole chunk again every RETRY_INTERVAL until the
+  origin takes it. The first failure goes to the next FLUSH; the sequence number moves on
+  (a FLUSH waits for it no longer; a write it did not journal fails every FLUSH while it
+  waits: `Engine.flush`).
 - An entry nobody needs any more when it is applied (its snapshot was deleted meanwhile) is
   handed back to the engine to be freed, never leaked.
 - Snapshot state changes found on the I/O path (damaged, invalid) are persisted here too,
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,6 +46,7 @@ log = logging.getLogger("shadowblk.preserver")
 
 MAX_BATCH = 512  # preserves per group commit
 WRITE_BACK_ROUNDS = 3  # rounds of overlay write-back outside the lock before one under it
+RETRY_INTERVAL = 1.0  # seconds between two tries of a write-back the origin refused
 
 Freed = dict[CowVolume, list[tuple[int, Entry]]]
 Ranges = list[list[int]]
@@ -89,6 +97,8 @@ class Preserver:
         self._on_applied = on_applied  # called under the lock after each batch is applied
         self._queue: list[Pending] = []
         self._state_updates: list[tuple[str, str]] = []  # (snapshot id, state)
+        self._stuck: list[Pending] = []  # write-backs the origin refused, to try again
+        self._retry_at = 0.0  # monotonic time of the next try
         self._stopping = False
         self.queued_seq = 0
         self.applied_seq = 0
@@ -134,18 +144,40 @@ class Preserver:
         while True:
             with self._cond:
                 while not self._queue and not self._state_updates and not self._stopping:
-                    self._cond.wait()
-                if not self._queue and not self._state_updates:
-                    return
+                    if self._retry_due():
+                        break
+                    self._cond.wait(self._retry_wait())
+                last = self._stopping and not self._queue and not self._state_updates
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 updates, self._state_updates = self._state_updates, []
+            if last:
+                self._retry_at = 0.0  # one last try; what still fails stays in the journal
+                self._retry()
+                return
             try:
                 if updates:
                     self._persist_states(updates)
                 if batch:
                     self._run_batch(batch)
+                self._retry()
             except Exception:  # never let the thread die: writes would wait for it forever
                 log.exception("preserver: unexpected error")
+
+    def _retry_due(self) -> bool:
+        return bool(self._stuck) and time.monotonic() >= self._retry_at
+
+    def _retry_wait(self) -> float | None:
+        return max(0.0, self._retry_at - time.monotonic()) if self._stuck else None
+
+    def _retry(self) -> None:
+        """Try again the write-backs the origin refused, if it is time (lock not held)."""
+        if not self._retry_due():
+            return
+        stuck, self._stuck = self._stuck, []
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        with self._locked():
+            work = [(p, p.take_ranges()) for p in stuck]
+        self._write_back(stuck, work)
 
     def _run_batch(self, batch: list[Pending]) -> None:
         try:
@@ -201,11 +233,23 @@ class Preserver:
                 errors.setdefault(id(p), error)
 
     def _finish(self, batch: list[Pending], errors: dict[int, OSError]) -> None:
-        """Lock held."""
+        """The batch leaves the overlay, but for the write-backs that failed (lock held)."""
         for p in batch:
-            p.volume.finish_preserve(p, errors.get(id(p)))
-            self.overlay_bytes -= len(p.new)
-        self.applied_seq = batch[-1].seq
+            error = errors.get(id(p))
+            if error is None:
+                p.stuck = None
+                p.volume.finish_preserve(p)
+                self.overlay_bytes -= len(p.new)
+                continue
+            if not self._stuck:
+                self._retry_at = time.monotonic() + RETRY_INTERVAL
+            if p.stuck is None:
+                log.error("volume %s: chunk %d could not be written back to the origin (%s): "
+                          "kept in the overlay, tried again every %.0f s",
+                          p.volume.name, p.chunk, error, RETRY_INTERVAL)  # fmt: skip
+            p.volume.write_back_failed(p, error)
+            self._stuck.append(p)
+        self.applied_seq = max(self.applied_seq, batch[-1].seq)  # a retry's are older
         self._cond.notify_all()
         self._on_applied()
 

@@ -69,17 +69,20 @@ def test_an_origin_write_error_is_that_errno_on_the_fuse_file(
 
 
 @pytest.mark.parametrize("size", [BLOCK, 65536])
-def test_a_lost_write_back_is_eio_at_the_next_fsync(
+def test_a_refused_write_back_is_eio_at_the_next_fsync(
     service: Any, fuse_fd: int, size: int
 ) -> None:
-    # as tests/system/test_failing_storage.py: a journaled write's is the next fsync after
+    # as tests/system/test_failing_storage.py: a journaled write's is the next fsync after;
+    # the write is kept and its write-back tried again
     service.cli.run("create", "v")
     arm(service, "origin.write=eio")
     os.pwrite(fuse_fd, b"z" * size, MiB)  # acknowledged from the overlay; write-back fails
     if size < 65536:
         wait_preserves_applied(service, "v")
     expect_errno(errno.EIO, os.fsync, fuse_fd)
+    wait_preserves_applied(service, "v")
     os.fsync(fuse_fd)  # reported once
+    assert os.pread(fuse_fd, size, MiB) == b"z" * size, "an acknowledged write was lost"
     assert (service.state_dir / "fuse" / "v@1").read_bytes() == b"a" * (4 * MiB)
     os.pwrite(fuse_fd, b"y" * BLOCK, 2 * MiB)
     os.fsync(fuse_fd)

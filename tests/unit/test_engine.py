@@ -18,6 +18,7 @@ import xxhash
 
 from shadowblk.provider import engine as engine_module
 from shadowblk.provider import faults
+from shadowblk.provider import preserver as preserver_module
 from shadowblk.provider.catalog import FORMAT_VERSION
 from shadowblk.provider.diffarea import DATA
 from shadowblk.provider.engine import Engine
@@ -36,6 +37,7 @@ from shadowblk.provider.errors import (
     ReadOnly,
 )
 from shadowblk.provider.fsck import check_consistency
+from shadowblk.provider.origin import OverlayStuck
 
 CHUNK = 65536
 
@@ -895,3 +897,53 @@ def test_a_hole_is_preserved_without_reading_it(
     assert read(engine, "s@1", 5 * CHUNK, CHUNK) == bytes(CHUNK)
     assert read(engine, "s@1", 3 * CHUNK, 4096) == b"d" * 4096
     assert read(engine, "s", 5 * CHUNK, 4096) == b"h" * 4096
+
+
+def test_a_refused_write_back_keeps_the_write_until_the_origin_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journaled write acknowledged from the overlay whose write-back the origin refuses:
+    the chunk stays in the overlay (reads see the write), its journal record stays pinned
+    (a checkpoint cuts nothing before it), a clean close while the origin still refuses
+    keeps the journal, and the next open replays the write onto the origin."""
+    monkeypatch.setattr(preserver_module, "RETRY_INTERVAL", 3600.0)  # tried again at close
+    eng = Engine.open(tmp_path / "state")
+    eng.create_volume("v", size=1 << 20)
+    old = os.urandom(1 << 20)
+    write(eng, "v", 0, old)
+    eng.create_snapshot_set(["v"])
+    vol = eng._volumes["v"]
+    at = 2 * CHUNK + 4096
+    faults.arm("origin.write=eio")
+    try:
+        write(eng, "v", at, b"z" * 4096)  # journaled, acknowledged from the overlay
+        deadline = time.monotonic() + 30
+        while (p := vol.pending.get(at // CHUNK)) is None or p.stuck is None:
+            assert time.monotonic() < deadline, "the write-back never failed"
+            time.sleep(0.01)
+        with pytest.raises(OSError) as info:
+            eng.flush()
+        assert info.value.errno == errno.EIO  # the failure, reported once
+        eng.flush()  # the journal holds the write: durable
+        assert read(eng, "v", at, 4096) == b"z" * 4096
+        assert read(eng, "v@1", at, 4096) == old[at : at + 4096]
+        start = vol.origin.journal.start
+        with pytest.raises(OverlayStuck):  # at once: no waiting for a pin that is stuck
+            vol.origin.checkpoint(time.monotonic() + 30)
+        assert vol.origin.journal.start == start, "the checkpoint cut the journal"
+        faults.arm("origin.write=eio")  # the last try, at close, fails too
+        eng.close()
+    finally:
+        faults.disarm()
+    fd = os.open(vol.origin.path, os.O_RDONLY)  # the origin file itself: never written
+    try:
+        assert os.pread(fd, 4096, at) == old[at : at + 4096]
+    finally:
+        os.close(fd)
+    eng = Engine.open(tmp_path / "state")
+    try:
+        assert read(eng, "v", at, 4096) == b"z" * 4096, "the acknowledged write was lost"
+        assert read(eng, "v@1", 0) == old
+        assert check_consistency(eng) == []
+    finally:
+        eng.close()
