@@ -6,6 +6,12 @@ Design notes.
   events share that one queue, so an event never splits a reply line. The queue is bounded:
   `push_event_nowait` never blocks the service, and a client that stops reading its events
   until the queue is full is disconnected (logged), not waited for.
+- Every byte goes out through the connection's `Wire`: whole messages, in order, under a
+  thread lock, with non-blocking writes only (what the socket does not take waits in the
+  wire for the writer task). So an operation may send its reply straight from its worker
+  thread (`ops.current_reply`): snapshot creation does, so its requester is not kept
+  waiting for the event loop, busy with the writes the creation just released. Such an
+  operation sends no events (they would queue behind its reply).
 - Requests on one connection run one after the other; connections run concurrently (the
   engine is thread-safe).
 - Errors: a `ShadowblkError` becomes its code and message; any other exception is a bug,
@@ -18,9 +24,12 @@ Design notes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket as stdsocket
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,15 @@ from shadowblk.provider.unixsock import identity as socket_identity
 from shadowblk.provider.unixsock import remove_if_same, remove_stale_socket
 
 from . import protocol
-from .ops import HANDLERS, OpContext, current_events, current_releases, release_snapshots
+from .ops import (
+    HANDLERS,
+    REPLIED,
+    OpContext,
+    current_events,
+    current_releases,
+    current_reply,
+    release_snapshots,
+)
 
 log = logging.getLogger("shadowblk.control")
 
@@ -74,6 +91,50 @@ class LineReader:
         return line
 
 
+class Wire:
+    """A connection's outgoing bytes, from the event loop or from any thread: each message
+    whole and in order. Writes never block: what the socket does not take now waits here
+    (`backlog`) until the writer task, once the socket is writable, `flush`es it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._backlog = bytearray()
+        self.broken = False  # the client went away (or the connection closed)
+
+    def send(self, data: bytes) -> bool:
+        """Write `data` after what waits already; True if nothing waits now."""
+        with self._lock:
+            if self.broken:
+                return True
+            self._backlog += data
+            return self._write()
+
+    def flush(self) -> bool:
+        """Write what waits; True if nothing waits now (or nobody can read it)."""
+        with self._lock:
+            return self.broken or self._write()
+
+    def _write(self) -> bool:
+        while self._backlog:
+            try:
+                n = os.write(self._fd, self._backlog)
+            except BlockingIOError:
+                return False
+            except OSError:  # EPIPE, ECONNRESET: the client is gone
+                self.broken = True
+                self._backlog.clear()
+                return True
+            del self._backlog[:n]
+        return True
+
+    def close(self) -> None:
+        """No more writes (the socket is about to close: its fd number may be reused)."""
+        with self._lock:
+            self.broken = True
+            self._backlog.clear()
+
+
 class Connection:
     """One client of the control socket."""
 
@@ -82,7 +143,12 @@ class Connection:
         self.requests = 0
         self._stream = stream
         self._ctx = ctx
-        self._send, self._outgoing = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE)
+        self._wire = Wire(stream.socket.fileno())
+        self._token = trio.lowlevel.current_trio_token()
+        # messages, or None: a worker thread left bytes in the wire for the writer
+        self._send, self._outgoing = trio.open_memory_channel[dict[str, Any] | None](
+            OUTGOING_QUEUE
+        )
         self._scope = trio.CancelScope()
         self.auto_release: list[str] = []  # snapshots that die with this connection
 
@@ -108,6 +174,7 @@ class Connection:
                     async with self._send:
                         await self._read_loop()
         finally:
+            self._wire.close()
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
                 await self._release()
@@ -133,18 +200,34 @@ class Connection:
                 return
             if line.strip():
                 self.requests += 1
-                await self._send.send(await self.answer(line))
+                reply = await self.answer(line)
+                if reply is not None:  # None: sent by the operation's thread already
+                    await self._send.send(reply)
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
-        try:
-            async for message in self._outgoing:
-                await self._stream.send_all(protocol.encode(message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        wire = self._wire
+        async for message in self._outgoing:
+            done = wire.flush() if message is None else wire.send(protocol.encode(message))
+            while not done:
+                await trio.lowlevel.wait_writable(self._stream.socket)
+                done = wire.flush()
+            if wire.broken:
+                break
         scope.cancel()  # client gone, or queue closed: the reader stops too
 
-    async def answer(self, line: bytes) -> dict[str, Any]:
-        """The reply to one request line."""
+    def reply_from_thread(self, rid: Any, result: Any) -> None:
+        """Send a request's reply from the worker thread that computed it (see Wire)."""
+        if not self._wire.send(protocol.encode(protocol.reply_ok(rid, result))):
+            with contextlib.suppress(trio.RunFinishedError):  # the service is stopping
+                self._token.run_sync_soon(self._kick_writer)
+
+    def _kick_writer(self) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                 trio.BrokenResourceError):  # fmt: skip
+            self._send.send_nowait(None)
+
+    async def answer(self, line: bytes) -> dict[str, Any] | None:
+        """The reply to one request line (None: the operation sent it, `current_reply`)."""
         rid = None
         try:
             message = protocol.decode_line(line)
@@ -152,6 +235,7 @@ class Connection:
             request = protocol.validate_request(message)
             current_events.set(self.push_event_nowait)
             current_releases.set(self.auto_release)
+            current_reply.set(partial(self.reply_from_thread, rid))
             result = await HANDLERS[request.op](self._ctx, request.args)
         except ShadowblkError as exc:
             return protocol.reply_error(rid, exc.code, exc.message)
@@ -159,6 +243,8 @@ class Connection:
             log.exception("control connection %d: internal error on %r", self.number, line[:200])
             text = f"internal error ({type(exc).__name__}: {exc}); see the service log"
             return protocol.reply_error(rid, "internal", text)
+        if result is REPLIED:
+            return None
         return protocol.reply_ok(rid, result)
 
 

@@ -41,6 +41,12 @@ current_events: contextvars.ContextVar[EventSink | None] = contextvars.ContextVa
 current_releases: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "current_releases", default=None
 )
+# sends the requesting connection's reply from a worker thread (control.Wire); a handler
+# that used it returns REPLIED
+current_reply: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
+    "current_reply", default=None
+)
+REPLIED = object()
 PROGRESS_EVERY = 0.25  # seconds between two progress events
 
 
@@ -107,16 +113,24 @@ async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
     releases = current_releases.get()
     if auto_release and releases is None:
         raise InvalidArgument("auto_release needs a control connection to tie the set to")
-    snaps: list[SnapshotInfo] = await ctx.call(
-        ctx.engine.create_snapshot_set,
-        args["volumes"],
-        label=args.get("label"),
-        hold_timeout=ctx.hold_timeout,
-        auto_release=auto_release,
-    )
-    if auto_release and releases is not None:
-        releases += [s.name for s in snaps]
-    return {"set": snaps[0].set if snaps else None, "snapshots": [s.to_dict() for s in snaps]}
+    reply = current_reply.get()
+
+    def create() -> Any:  # in the worker thread, replying from there (the requester waits)
+        snaps: list[SnapshotInfo] = ctx.engine.create_snapshot_set(
+            args["volumes"],
+            label=args.get("label"),
+            hold_timeout=ctx.hold_timeout,
+            auto_release=auto_release,
+        )
+        if auto_release and releases is not None:  # before the reply: it may close at once
+            releases.extend(s.name for s in snaps)
+        result = {"set": snaps[0].set if snaps else None, "snapshots": [s.to_dict() for s in snaps]}
+        if reply is None:
+            return result
+        reply(result)
+        return REPLIED
+
+    return await ctx.call(create)
 
 
 async def op_snapshot_list(ctx: OpContext, args: dict[str, Any]) -> Any:

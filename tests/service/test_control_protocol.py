@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,75 @@ async def test_a_client_that_never_reads_events_is_dropped(
     assert received < pushed  # the connection ended: the client did not get them all
     await trio.testing.wait_all_tasks_blocked()
     assert not control_server.connections
+
+
+async def test_a_reply_from_a_worker_thread_keeps_every_line_whole(
+    client: LineClient, control_server: ControlServer
+) -> None:
+    """snapshot.create replies from its worker thread (control.Wire). With the socket full
+    of events the client has not read, the reply waits in the wire behind the event
+    being written, and every line arrives whole, the reply once."""
+    await client.result("volume.create", name="v", size=1 << 20)
+    (conn,) = control_server.connections
+    pushed = 20  # 2 MB, more than the socket buffers hold: an event is written in part
+    for _ in range(pushed):
+        conn.push_event_nowait("tick", {"payload": "x" * 100000})
+    await trio.testing.wait_all_tasks_blocked()  # the writer waits for the socket now
+    request = {"id": "c", "op": "snapshot.create", "args": {"volumes": ["v"]}}
+    await client.send_line(json.dumps(request).encode())
+    await trio.to_thread.run_sync(_wait_for_a_snapshot, control_server)  # replied while full
+    events, replies = 0, []
+    while len(replies) < 1 or events < pushed:
+        message = await client.receive()  # json.loads: a torn line fails here
+        if "event" in message:
+            assert message["data"] == {"payload": "x" * 100000}
+            events += 1
+        else:
+            replies.append(message)
+    assert [r["id"] for r in replies] == ["c"]
+    assert replies[0]["result"]["snapshots"][0]["name"] == "v@1"
+    assert (await client.request("status"))["ok"] is True
+
+
+async def test_a_thread_reply_left_in_the_wire_is_sent_by_the_writer(
+    client: LineClient, control_server: ControlServer
+) -> None:
+    """The socket is full and the writer task idle when a worker thread's reply does not
+    fit: the thread hands the rest to the writer, which sends it once the client reads."""
+    await client.result("volume.create", name="v", size=1 << 20)
+    (conn,) = control_server.connections
+    event = protocol.encode(protocol.event("tick", {"payload": "x" * 100000}))
+    sent = 1
+    while conn._wire.send(event):  # as the writer task would, until the socket is full
+        sent += 1
+    request = {"id": "c", "op": "snapshot.create", "args": {"volumes": ["v"]}}
+    await client.send_line(json.dumps(request).encode())
+    await trio.to_thread.run_sync(_wait_for_a_snapshot, control_server)
+    with trio.fail_after(30):  # a liveness bound: nothing else would wake the writer
+        for _ in range(sent):
+            assert (await client.receive())["event"] == "tick"
+        reply = await client.receive()
+    assert reply["id"] == "c" and reply["ok"] is True
+
+
+def _wait_for_a_snapshot(server: ControlServer) -> None:
+    """Until the server's engine has a snapshot of `v` (a worker thread's reply has been
+    sent then, or left in the wire)."""
+    deadline = time.monotonic() + 30
+    while not server.ctx.engine.snapshots("v"):
+        assert time.monotonic() < deadline, "snapshot.create never ran"
+        time.sleep(0.01)
+
+
+async def test_a_client_gone_before_its_reply_from_a_thread_harms_nobody(
+    control_server: ControlServer, control_path: Path, client: LineClient
+) -> None:
+    async with await trio.open_unix_socket(str(control_path)) as stream:
+        await LineClient(stream).result("volume.create", name="v", size=1 << 20)
+        line = json.dumps({"id": 1, "op": "snapshot.create", "args": {"volumes": ["v"]}})
+        await stream.send_all(line.encode() + b"\n")
+    await trio.to_thread.run_sync(_wait_for_a_snapshot, control_server)  # reply: nowhere
+    assert [s["name"] for s in await client.result("snapshot.list")] == ["v@1"]
 
 
 async def test_socket_is_private(control_path: Path) -> None:
