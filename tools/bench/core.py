@@ -112,10 +112,15 @@ class Bench:
     series: dict[str, Any] = field(default_factory=dict)
     section: str = ""
     shared: dict[str, Any] = field(default_factory=dict)  # resources sections share (XFS)
+    section_dirs: list[Path] = field(default_factory=list)  # removed after the section
 
-    def workdir(self, name: str) -> Path:
+    def workdir(self, name: str, shared: bool = False) -> Path:
+        """A directory under `tmp` for this section's files, removed when it ends
+        (`shared`: kept until the end of the run, for the resources in `shared`)."""
         path = self.tmp / name
         path.mkdir(parents=True, exist_ok=True)
+        if not shared and path not in self.section_dirs:
+            self.section_dirs.append(path)
         return path
 
     def add(self, name: str, value: float, unit: str, peer: str | None = None,

@@ -32,7 +32,8 @@ def xfs(bench: Bench) -> Path:
     """The run's XFS mount point, mounted on first use and unmounted when the run ends."""
     if "xfs" not in bench.shared:
         bench.progress("  mounting a sparse XFS image (for 64 TiB volumes)")
-        bench.shared["xfs"] = bench.stack.enter_context(images.xfs_mount(bench.workdir("xfs")))
+        where = bench.workdir("xfs", shared=True)
+        bench.shared["xfs"] = bench.stack.enter_context(images.xfs_mount(where))
     path: Path = bench.shared["xfs"]
     return path
 
@@ -65,7 +66,6 @@ def creation(bench: Bench) -> None:
     load_job = fio.Job("randwrite", "4k", 8, runtime=3600, extra=("--norandommap",))
     p50: list[float] = []
     p99: list[float] = []
-    os.sync()  # the earlier sections' writes, out of the way of the fdatasyncs timed here
     with runner.shadowblk(xfs(bench) / "create-state") as server, server.control() as control:
         for label, size in CREATE_SIZES:
             name = f"v{label}"

@@ -9,6 +9,7 @@ traceback in bench.log) and the run goes on with the next one; the exit status i
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 
 from . import report, sections, sections_meta
 from .core import FULL, QUICK, Bench
+
+QUIET_SPAN = 0.5  # seconds without disk I/O that count as quiet
+QUIET_LIMIT = 15.0  # seconds to wait for that, at most
 
 Section = Callable[[Bench], None]
 
@@ -43,6 +47,42 @@ def check_tools() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise MissingTools(f"missing {', '.join(missing)} (run `make setup`)")
+
+
+def _clean_up(bench: Bench) -> None:
+    """Remove a section's files and let the disks settle, so the next section starts on a
+    quiet machine: neither a page cache full of the last one's images nor its writeback
+    (or, on a filesystem mounted with `discard`, the trims of its deleted files) running
+    under the next one's fdatasyncs. Timed creation after the snapshot-count section, for
+    one, had a p99 2 ms higher without it."""
+    for path in bench.section_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    bench.section_dirs.clear()
+    os.sync()
+    quiet_disks()
+
+
+def quiet_disks(limit: float = QUIET_LIMIT) -> None:
+    """Wait until no block device has I/O in flight or done in the last QUIET_SPAN seconds
+    (at most `limit` seconds: a busy machine is then measured as it is)."""
+    deadline = time.monotonic() + limit
+    last = _disk_counters()
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_SPAN)
+        now = _disk_counters()
+        if now == last and not any(inflight for _, inflight in now.values()):
+            return
+        last = now
+
+
+def _disk_counters() -> dict[str, tuple[tuple[str, ...], int]]:
+    """Per block device of /proc/diskstats: (its I/O counters, its I/O in flight)."""
+    found = {}
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            found[fields[2]] = (tuple(fields[3:11]), int(fields[11]))
+    return found
 
 
 def run(quick: bool, out: Path, progress: Callable[[str], None],
@@ -76,6 +116,7 @@ def run(quick: bool, out: Path, progress: Callable[[str], None],
                 with log.open("a") as f:
                     f.write(f"--- section {key} failed\n{traceback.format_exc()}\n")
                 progress(f"  FAILED: {message} (traceback in {log})")
+            _clean_up(bench)
             progress(f"  ({time.monotonic() - t0:.1f} s)")
         progress("cleaning up")
     info["duration_s"] = round(time.monotonic() - started, 1)
