@@ -80,17 +80,17 @@ def build_chain(
     server: runner.Shadowblk,
     count: int,
     slice_chunks: Callable[[int], list[int]],
-    at: Callable[[int], None] = lambda n: None,
+    export: str | None = None,
 ) -> None:
-    """Take `count` snapshots of the server's volume; before snapshot n, write the chunks
-    `slice_chunks(n)`; after it, call `at(n)` (a measurement at that snapshot count)."""
-    with server.control() as control, Writer(server.uri()) as writer:
+    """Take `count` snapshots of volume `export` (default: the server's); before snapshot
+    n, write the chunks `slice_chunks(n)`."""
+    export = export or server.export
+    with server.control() as control, Writer(server.uri(export)) as writer:
         for n in range(1, count + 1):
             chunks = slice_chunks(n)
             if chunks:
                 writer.write_chunks(chunks)
-            snapshot(control, server.export)
-            at(n)
+            snapshot(control, export)
 
 
 def catalog_bytes(state_dir: Path) -> int:
