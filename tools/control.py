@@ -14,8 +14,9 @@ Design notes.
   operation sends no events (they would queue behind its reply).
 - Requests on one connection run one after the other; connections run concurrently (the
   engine is thread-safe).
-- Errors: a `ShadowblkError` becomes its code and message; any other exception is a bug,
-  logged with its traceback and answered with `internal`; the connection goes on. Only a
+- Errors: a `ShadowblkError` becomes its code and message; an `OSError` (failing storage)
+  is `io-error` with its message; any other exception is a bug, logged with its
+  traceback and answered with `internal`; the connection goes on. Only a
   line over `protocol.MAX_LINE` (or the client going away) ends a connection.
 - The socket is bound under a temporary name, chmod 0600, then renamed into place, so it
   is never reachable with a looser mode. A stale socket (nobody answers) is replaced; a live
@@ -239,6 +240,9 @@ class Connection:
             result = await HANDLERS[request.op](self._ctx, request.args)
         except ShadowblkError as exc:
             return protocol.reply_error(rid, exc.code, exc.message)
+        except OSError as exc:  # the storage failed (an origin, a diff area): not a bug
+            log.error("control connection %d: %r failed: %s", self.number, line[:200], exc)
+            return protocol.reply_error(rid, "io-error", str(exc))
         except Exception as exc:
             log.exception("control connection %d: internal error on %r", self.number, line[:200])
             text = f"internal error ({type(exc).__name__}: {exc}); see the service log"

@@ -219,6 +219,29 @@ async def test_an_unexpected_exception_is_internal_and_logged(
         assert (await client.request("volume.list"))["ok"] is True
 
 
+class FailingStorage(BrokenEngine):
+    """The real engine, except that its storage fails under a snapshot creation."""
+
+    def create_snapshot_set(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(5, "volume v: an acknowledged write is not on the origin yet")
+
+
+async def test_a_storage_error_is_io_error_not_internal(
+    nursery: trio.Nursery, op_context: OpContext, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = OpContext(FailingStorage(op_context.engine))  # type: ignore[arg-type]
+    path = short_tmp / "failing.sock"
+    await nursery.start(ControlServer(ctx).serve_unix, path)
+    async with await trio.open_unix_socket(str(path)) as stream:
+        client = LineClient(stream)
+        with caplog.at_level(logging.ERROR, logger="shadowblk.control"):
+            reply = await client.request("snapshot.create", volumes=["v"])
+        assert reply["error"]["code"] == "io-error"
+        assert "not on the origin yet" in reply["error"]["message"]
+        assert not any(r.exc_info for r in caplog.records)  # no traceback: not a bug
+        assert (await client.request("volume.list"))["ok"] is True
+
+
 async def test_events_reach_connected_clients(
     client: LineClient, control_server: ControlServer
 ) -> None:
