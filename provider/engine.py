@@ -184,6 +184,10 @@ class Engine:
         self._writeback.stop()
         self._syncers.shutdown()
         for vol in self._volumes.values():
+            lost = [p.chunk for p in vol.pending.values() if p.stuck and not p.journaled]
+            if lost:  # in memory only: every FLUSH since has failed for them
+                log.error("volume %s: writes to chunk(s) %s never reached the origin, which "
+                          "refused them; they are lost", vol.name, lost[:10])  # fmt: skip
             try:
                 vol.origin.checkpoint()
             except OverlayStuck as e:  # the preserver's last try failed too
