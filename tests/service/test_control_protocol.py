@@ -191,7 +191,8 @@ async def test_a_line_at_the_limit_is_read(client: LineClient) -> None:
 
 
 class BrokenEngine:
-    """The real engine, except that `statistics` has a bug."""
+    """The real engine, except that `statistics` has a bug and a snapshot creation meets
+    failing storage."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -202,9 +203,27 @@ class BrokenEngine:
     def statistics(self) -> dict[str, Any]:
         raise ZeroDivisionError("bug in statistics")
 
+    def create_snapshot_set(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(5, "volume v: an acknowledged write is not on the origin yet")
 
-async def test_an_unexpected_exception_is_internal_and_logged(
-    nursery: trio.Nursery, op_context: OpContext, short_tmp: Path, caplog: pytest.LogCaptureFixture
+
+@pytest.mark.parametrize(
+    ("op", "args", "code", "text", "bug"),
+    [
+        ("stats", {}, "internal", "ZeroDivisionError", ZeroDivisionError),
+        ("snapshot.create", {"volumes": ["v"]}, "io-error", "not on the origin yet", None),
+    ],
+)
+async def test_a_bug_is_internal_and_a_storage_error_is_io_error(
+    nursery: trio.Nursery,
+    op_context: OpContext,
+    short_tmp: Path,
+    caplog: pytest.LogCaptureFixture,
+    op: str,
+    args: dict[str, Any],
+    code: str,
+    text: str,
+    bug: type[Exception] | None,
 ) -> None:
     ctx = OpContext(BrokenEngine(op_context.engine))  # type: ignore[arg-type]
     path = short_tmp / "broken.sock"
@@ -212,33 +231,11 @@ async def test_an_unexpected_exception_is_internal_and_logged(
     async with await trio.open_unix_socket(str(path)) as stream:
         client = LineClient(stream)
         with caplog.at_level(logging.ERROR, logger="shadowblk.control"):
-            reply = await client.request("stats")
-        assert reply["error"]["code"] == "internal"
-        assert "ZeroDivisionError" in reply["error"]["message"]
-        assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
-        assert (await client.request("volume.list"))["ok"] is True
-
-
-class FailingStorage(BrokenEngine):
-    """The real engine, except that its storage fails under a snapshot creation."""
-
-    def create_snapshot_set(self, *args: Any, **kwargs: Any) -> Any:
-        raise OSError(5, "volume v: an acknowledged write is not on the origin yet")
-
-
-async def test_a_storage_error_is_io_error_not_internal(
-    nursery: trio.Nursery, op_context: OpContext, short_tmp: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    ctx = OpContext(FailingStorage(op_context.engine))  # type: ignore[arg-type]
-    path = short_tmp / "failing.sock"
-    await nursery.start(ControlServer(ctx).serve_unix, path)
-    async with await trio.open_unix_socket(str(path)) as stream:
-        client = LineClient(stream)
-        with caplog.at_level(logging.ERROR, logger="shadowblk.control"):
-            reply = await client.request("snapshot.create", volumes=["v"])
-        assert reply["error"]["code"] == "io-error"
-        assert "not on the origin yet" in reply["error"]["message"]
-        assert not any(r.exc_info for r in caplog.records)  # no traceback: not a bug
+            reply = await client.request(op, **args)
+        assert reply["error"]["code"] == code
+        assert text in reply["error"]["message"]
+        tracebacks = [r.exc_info[0] for r in caplog.records if r.exc_info]
+        assert tracebacks == ([bug] if bug else [])  # a traceback for a bug only
         assert (await client.request("volume.list"))["ok"] is True
 
 
@@ -327,14 +324,28 @@ def _wait_for_a_snapshot(server: ControlServer) -> None:
 
 
 async def test_a_client_gone_before_its_reply_from_a_thread_harms_nobody(
-    control_server: ControlServer, control_path: Path, client: LineClient
+    control_server: ControlServer,
+    control_path: Path,
+    client: LineClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async with await trio.open_unix_socket(str(control_path)) as stream:
-        await LineClient(stream).result("volume.create", name="v", size=1 << 20)
-        line = json.dumps({"id": 1, "op": "snapshot.create", "args": {"volumes": ["v"]}})
-        await stream.send_all(line.encode() + b"\n")
-    await trio.to_thread.run_sync(_wait_for_a_snapshot, control_server)  # reply: nowhere
+    await client.result("status")  # registered: the one connection left at the end
+    with caplog.at_level(logging.ERROR, logger="shadowblk.control"):
+        async with await trio.open_unix_socket(str(control_path)) as stream:
+            await LineClient(stream).result("volume.create", name="v", size=1 << 20)
+            line = json.dumps({"id": 1, "op": "snapshot.create", "args": {"volumes": ["v"]}})
+            await stream.send_all(line.encode() + b"\n")
+        # its reply went to a closed socket; then the connection ended
+        await trio.to_thread.run_sync(_wait_for_connections, control_server, 1)
+    assert [r.getMessage() for r in caplog.records] == []  # no error: EPIPE is goodbye
     assert [s["name"] for s in await client.result("snapshot.list")] == ["v@1"]
+
+
+def _wait_for_connections(server: ControlServer, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(server.connections) != count:
+        assert time.monotonic() < deadline, f"{len(server.connections)} connections stay"
+        time.sleep(0.01)
 
 
 async def test_socket_is_private(control_path: Path) -> None:
