@@ -105,6 +105,14 @@ class InvalidState(ShadowblkError):
     errno = _errno.EIO
 
 
+class StorageFailure(ShadowblkError):
+    """An origin or a diff area failed an I/O the operation needed (the OSError's message;
+    the control socket answers an engine's OSError with this code)."""
+
+    code = "io-error"
+    errno = _errno.EIO
+
+
 class ServiceUnavailable(ShadowblkError):
     """No service answers on the state directory's control socket."""
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from shadowblk.provider.errors import InvalidArgument, ShadowblkError
+from shadowblk.provider.errors import InvalidArgument, ShadowblkError, StorageFailure
 from shadowblk.provider.unixsock import identity as socket_identity
 from shadowblk.provider.unixsock import remove_if_same, remove_stale_socket
 
@@ -242,7 +242,7 @@ class Connection:
             return protocol.reply_error(rid, exc.code, exc.message)
         except OSError as exc:  # the storage failed (an origin, a diff area): not a bug
             log.error("control connection %d: %r failed: %s", self.number, line[:200], exc)
-            return protocol.reply_error(rid, "io-error", str(exc))
+            return protocol.reply_error(rid, StorageFailure.code, str(exc))
         except Exception as exc:
             log.exception("control connection %d: internal error on %r", self.number, line[:200])
             text = f"internal error ({type(exc).__name__}: {exc}); see the service log"

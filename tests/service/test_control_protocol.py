@@ -19,6 +19,7 @@ from control_client import LineClient
 from shadowblk.provider.errors import InvalidArgument, Locked
 from shadowblk.provider.unixsock import remove_stale_socket
 from shadowblk.tools import protocol
+from shadowblk.tools.client import error_from_reply
 from shadowblk.tools.control import ControlServer
 from shadowblk.tools.ops import HANDLERS, OpContext
 
@@ -237,6 +238,7 @@ async def test_a_bug_is_internal_and_a_storage_error_is_io_error(
         tracebacks = [r.exc_info[0] for r in caplog.records if r.exc_info]
         assert tracebacks == ([bug] if bug else [])  # a traceback for a bug only
         assert (await client.request("volume.list"))["ok"] is True
+    assert type(error_from_reply(reply["error"])).code == code  # the client knows the code
 
 
 async def test_events_reach_connected_clients(
