@@ -22,7 +22,8 @@ from . import report, sections, sections_meta
 from .core import FULL, QUICK, Bench
 
 QUIET_SPAN = 0.5  # seconds without disk I/O that count as quiet
-QUIET_LIMIT = 15.0  # seconds to wait for that, at most
+QUIET_LIMIT = 15.0  # seconds to wait for that, at most (2 under --quick: it must stay short)
+QUICK_QUIET_LIMIT = 2.0
 
 Section = Callable[[Bench], None]
 
@@ -59,7 +60,7 @@ def _clean_up(bench: Bench) -> None:
         shutil.rmtree(path, ignore_errors=True)
     bench.section_dirs.clear()
     os.sync()
-    quiet_disks()
+    quiet_disks(QUICK_QUIET_LIMIT if bench.sizes is QUICK else QUIET_LIMIT)
 
 
 def quiet_disks(limit: float = QUIET_LIMIT) -> None:
