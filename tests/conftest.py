@@ -31,9 +31,12 @@ from typing import Any
 
 import pytest
 
+from shadowblk.tools.client import ControlClient
+
 SHADOWBLK = Path(sys.executable).with_name("shadowblk")
 READY_DEADLINE = 120.0  # seconds; a bound on the wait, not a figure the tests check
 STOP_TIMEOUT = 60.0
+SETTLE_LIMIT = 60.0  # seconds for pending preserves to finish: a liveness bound
 
 
 @dataclass
@@ -80,6 +83,16 @@ class ServiceProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return f"(no log: {self.log_path} is gone)"
+
+    def wait_preserves_applied(self, volume: str) -> None:
+        """Poll `stats` until no preserve of `volume` is pending: its entries are indexed
+        and its overlays written back (a FLUSH need not wait for that when the journal
+        holds the writes)."""
+        deadline = time.monotonic() + SETTLE_LIMIT
+        with ControlClient.connect(self.state_dir) as client:
+            while client.call("stats")["engine"]["volumes"][volume]["pending"]:
+                assert time.monotonic() < deadline, f"the preserves of {volume} never finished"
+                time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL (a crash): `stop` and the fixtures then expect no clean exit from it."""

@@ -308,8 +308,9 @@ def test_fifty_snapshots_one_copy(
         h = nbd.NBD()
         h.connect_uri(clients.uri("s"))
         h.pwrite(new, offset)
-        h.flush()
+        h.flush()  # durable in the journal; the preserve may still be on its way
         h.shutdown()
+        service.wait_preserves_applied("s")
         after = control.call("stats")["engine"]
 
     assert after["chunks_preserved"] - before["chunks_preserved"] == 1, f"{before} -> {after}"

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from typing import Any
 
 import nbd
-
-from shadowblk.tools.client import ControlClient
-
-SETTLE_LIMIT = 60.0  # seconds: a liveness bound, not a timing assertion
 
 
 def connect(service: Any, export: str) -> nbd.NBD:
@@ -26,13 +21,3 @@ def export_sha256(service: Any, export: str) -> str:
     uri = f"nbd+unix:///{export}?socket={service.nbd_socket}"
     proc = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True, timeout=300)
     return hashlib.sha256(proc.stdout).hexdigest()
-
-
-def wait_preserves_applied(service: Any, volume: str) -> None:
-    """Poll `stats` until no preserve of `volume` is pending: its overlays' write-backs
-    have run (a FLUSH need not wait for them when the journal holds their writes)."""
-    deadline = time.monotonic() + SETTLE_LIMIT
-    with ControlClient.connect(service.state_dir) as client:
-        while client.call("stats")["engine"]["volumes"][volume]["pending"]:
-            assert time.monotonic() < deadline, f"the preserves of {volume} never finished"
-            time.sleep(0.05)

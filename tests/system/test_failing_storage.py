@@ -8,7 +8,7 @@ from typing import Any
 
 import nbd
 import pytest
-from exports import connect, wait_preserves_applied
+from exports import connect
 
 from shadowblk.tools.client import ControlClient
 
@@ -55,11 +55,11 @@ def test_a_refused_write_back_is_reported_and_tried_again(
     h.pwrite(b"z" * size, MiB)  # acknowledged from the overlay; its write-back fails
     assert h.pread(size, MiB) == b"z" * size
     if size < 65536:
-        wait_preserves_applied(service, "v")  # failed, then written on the next try
+        service.wait_preserves_applied("v")  # failed, then written on the next try
     with pytest.raises(nbd.Error) as info:
         h.flush()
     assert info.value.errnum == errno.EIO
-    wait_preserves_applied(service, "v")
+    service.wait_preserves_applied("v")
     h.flush()  # reported once
     assert h.pread(size, MiB) == b"z" * size, "an acknowledged write was lost"
     assert connect(service, "v@1").pread(MiB, MiB) == b"a" * MiB  # the snapshot is intact

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from exports import connect, wait_preserves_applied
+from exports import connect
 
 from shadowblk.tools.client import ControlClient
 
@@ -78,9 +78,9 @@ def test_a_refused_write_back_is_eio_at_the_next_fsync(
     arm(service, "origin.write=eio")
     os.pwrite(fuse_fd, b"z" * size, MiB)  # acknowledged from the overlay; write-back fails
     if size < 65536:
-        wait_preserves_applied(service, "v")
+        service.wait_preserves_applied("v")
     expect_errno(errno.EIO, os.fsync, fuse_fd)
-    wait_preserves_applied(service, "v")
+    service.wait_preserves_applied("v")
     os.fsync(fuse_fd)  # reported once
     assert os.pread(fuse_fd, size, MiB) == b"z" * size, "an acknowledged write was lost"
     assert (service.state_dir / "fuse" / "v@1").read_bytes() == b"a" * (4 * MiB)
