@@ -135,6 +135,11 @@ class Wire:
             raise PeerClosed(clean)
         return data
 
+    async def fill(self) -> None:
+        """Receive what the peer has sent so far (at least one byte) into the buffer (see
+        `buffered`); `PeerClosed` at end of stream, `clean` if nothing was buffered."""
+        self._buffer += await self._receive(RECEIVE_CHUNK, clean=not self._buffer)
+
     def buffered(self) -> bytearray:
         """What has been received and not consumed yet (the reader may parse it in place
         and `consume` what it used)."""

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -444,6 +445,35 @@ def test_pipelined_reads_that_fail_get_errors_and_the_connection_goes_on(
     for _ in range(6):
         error, handle, data = _any_reply(client, {})
         assert (error, data) == (0, reference("vol", handle * 512, 512))
+
+
+@pytest.mark.parametrize("piece", [1, 7, 30])
+def test_requests_arriving_in_pieces_are_served_in_order(
+    raw: RawFactory, reference: Reference, no_errors_logged: None, piece: int
+) -> None:
+    # the reader receives whatever part of the stream has arrived into its buffer and
+    # parses only whole requests from it: headers and payloads cut anywhere, then a
+    # stream cut inside a header, which closes the connection without an error logged
+    client = raw()
+    client.go("vol")
+    new = bytes(range(256)) * 2
+    stream = request(CMD_READ, 4096, 512, handle=1)
+    stream += request(CMD_WRITE, 8192, 512, handle=2) + new
+    stream += request(CMD_READ, 8192, 512, handle=3) + request(CMD_READ, 0, 512, handle=4)
+    for start in range(0, len(stream), piece):
+        client.sock.sendall(stream[start : start + piece])
+        time.sleep(0.002)  # pacing, so the server sees the pieces apart
+    lengths = {1: 512, 3: 512, 4: 512}
+    replies = [_any_reply(client, lengths) for _ in range(4)]
+    assert replies == [
+        (0, 1, reference("vol", 4096, 512)),
+        (0, 2, b""),
+        (0, 3, new),
+        (0, 4, reference("vol", 0, 512)),
+    ]
+    client.sock.sendall(request(CMD_READ, 0, 512, handle=5)[: min(piece, 20)])
+    client.sock.shutdown(socket.SHUT_WR)
+    client.assert_closed()
 
 
 def _any_reply(client: Any, lengths: dict[int, int]) -> tuple[int, int, bytes]:
