@@ -74,35 +74,38 @@ def serve_buffered_reads(t: Transmission) -> bool:
     served in order) or when the reply queue is full. True: the queue wants a flush."""
     wire, device = t.wire, t.device
     buffer, size, structured = wire.buffered(), device.size, t.session.structured_replies
-    unpack, pread, served = REQUEST.unpack_from, device.pread, 0
-    while len(buffer) >= REQUEST.size:
-        magic, flags, kind, handle, offset, length = unpack(buffer)
-        if kind != CMD_READ or flags or magic != REQUEST_MAGIC:
-            break
-        if not 0 < length < HOLE_SCAN_MIN or offset + length > size:
-            break
-        wire.consume(REQUEST.size)
-        served += 1
-        try:
-            data = pread(offset, length)
-        except Exception as exc:
-            request = Request(magic, flags, kind, handle, offset, length)
-            if not t.reply_error_nowait(request, exc):
+    unpack, pread, queue = REQUEST.unpack_from, device.pread, wire.queue_reply_nowait
+    used, end = 0, len(buffer) - REQUEST.size  # requests are consumed at once, at the end
+    try:
+        while used <= end:
+            magic, flags, kind, handle, offset, length = unpack(buffer, used)
+            if kind != CMD_READ or flags or magic != REQUEST_MAGIC:
                 break
-            continue
-        if len(data) != length:
-            request = Request(magic, flags, kind, handle, offset, length)
-            t.log_failure(request, f"pread returned {len(data)} of {length} bytes")
-            if not t.reply_error_nowait(request, RequestError(NBD_EIO, "short read")):
+            if not 0 < length < HOLE_SCAN_MIN or offset + length > size:
                 break
-            continue
-        if structured:
-            header = encode_data_header(handle, offset, length, done=True)
-        else:
-            header = encode_simple_reply(0, handle)
-        if not wire.queue_nowait(header, data):
-            break
-    t.counters["requests_served"] += served
+            used += REQUEST.size
+            try:
+                data = pread(offset, length)
+            except Exception as exc:
+                request = Request(magic, flags, kind, handle, offset, length)
+                if not t.reply_error_nowait(request, exc):
+                    break
+                continue
+            if len(data) != length:
+                request = Request(magic, flags, kind, handle, offset, length)
+                t.log_failure(request, f"pread returned {len(data)} of {length} bytes")
+                if not t.reply_error_nowait(request, RequestError(NBD_EIO, "short read")):
+                    break
+                continue
+            if structured:
+                header = encode_data_header(handle, offset, length, done=True)
+            else:
+                header = encode_simple_reply(0, handle)
+            if not queue(header, data):
+                break
+    finally:
+        wire.consume(used)
+        t.counters["requests_served"] += used // REQUEST.size
     return wire.queue_full()
 
 

@@ -157,6 +157,12 @@ class Wire:
         self._queued += sum(len(p) for p in parts)
         return self._queued < BATCH_LIMIT
 
+    def queue_reply_nowait(self, header: Buffer, data: Buffer) -> bool:
+        """`queue_nowait(header, data)`, for the reader's fast path (one call per read)."""
+        self._queue += (header, data)
+        self._queued += len(header) + len(data)
+        return self._queued < BATCH_LIMIT
+
     def queue_full(self) -> bool:
         return self._queued >= BATCH_LIMIT
 
