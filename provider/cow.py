@@ -343,7 +343,8 @@ class CowVolume:
         if entry[1] == ZERO or entry[2] is None:
             return None
         start = offset - chunk * cs
-        return self.diff.read(entry[1], self.chunk_len(chunk), entry[2], start, start + length)
+        return self.diff.read(entry[1], min(cs, self.size - chunk * cs), entry[2], start,
+                              start + length)  # fmt: skip
 
     def _origin_source(self, chunk: int, start: int, stop: int, out: memoryview) -> bool:
         pending = self.pending.get(chunk)

@@ -950,7 +950,8 @@ class Engine:
         _check_range(vol, offset, length)
         self._gate.pass_through()
         with self._lock:
-            self._check_live(vol, snap)
+            if vol.snapshots.get(snap.seq) is not snap or snap.state == "invalid":
+                self._check_live(vol, snap)  # raises, saying which
             try:
                 small = vol.read_snapshot_small(snap.epoch, offset, length)
                 if small is not None:
@@ -965,6 +966,7 @@ class Engine:
                 raise
 
     def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
+        """Refuse a deleted or invalid snapshot (an invalid one is never in `snapshots`)."""
         if vol.invalid.get(snap.seq) is snap:
             raise DamagedData(f"snapshot {snap.name} is invalid")
         if vol.snapshots.get(snap.seq) is not snap:
