@@ -316,6 +316,30 @@ async def test_a_thread_reply_left_in_the_wire_is_sent_by_the_writer(
     assert reply["id"] == "c" and reply["ok"] is True
 
 
+async def test_pipelined_creates_are_answered_in_order_and_errors_mapped(
+    client: LineClient,
+) -> None:
+    """snapshot.create runs in a thread of its own (OpContext.call_now): the connection
+    still waits for it before the next request, and its errors reach the reply."""
+    await client.result("volume.create", name="v", size=1 << 20)
+    lines = [
+        {"id": 1, "op": "snapshot.create", "args": {"volumes": ["v"]}},
+        {"id": 2, "op": "snapshot.list", "args": {"volume": "v"}},
+        {"id": 3, "op": "snapshot.create", "args": {"volumes": ["nosuch"]}},
+        {"id": 4, "op": "snapshot.create", "args": {"volumes": ["v"], "label": "b"}},
+        {"id": 5, "op": "snapshot.list", "args": {"volume": "v"}},
+    ]
+    await client.send_line(b"\n".join(json.dumps(line).encode() for line in lines))
+    with trio.fail_after(30):  # a liveness bound: a lost reply fails here
+        replies = [await client.receive() for _ in lines]
+    assert [r["id"] for r in replies] == [1, 2, 3, 4, 5]
+    assert replies[0]["result"]["snapshots"][0]["name"] == "v@1"
+    assert [s["name"] for s in replies[1]["result"]] == ["v@1"]
+    assert replies[2]["ok"] is False and replies[2]["error"]["code"] == "not-found"
+    assert replies[3]["result"]["snapshots"][0]["name"] == "v@2"
+    assert [s["name"] for s in replies[4]["result"]] == ["v@1", "v@2"]
+
+
 def _wait_for_a_snapshot(server: ControlServer) -> None:
     """Until the server's engine has a snapshot of `v` (a worker thread's reply has been
     sent then, or left in the wire)."""
