@@ -23,8 +23,9 @@ coroutine per request, the engine's `pread` inline, the reply (data or error) qu
 stops at the first request of any other kind, so requests are still served in the order
 they came. At depth 8 this doubled 4 KiB random reads: the chain of per-request coroutines
 cost more than the `pread`. Every request meets the fast path first, the first of a
-segment too (receiving a header on its own sent it down the general path, 1 request in 8
-at depth 8: 10 % more CPU per request).
+segment too: receiving a header on its own had sent the first request of every segment
+down the general path (segments held about four requests at depth 8), for 10 % more CPU
+per request.
 
 Replies go out batched: a reply made inline by the reader waits in the wire's queue until
 the reader is about to wait for the client (wire.py, Batching); a child task's reply goes
