@@ -333,6 +333,8 @@ class CowVolume:
         """The common small read of a snapshot, with one system call and nothing gathered:
         [offset, offset+length) within one chunk that awaits no preserve, read from the
         origin or from its preserved data (checked). None: use `read_snapshot`."""
+        if not length:  # nothing to read (nor to check against a block's checksum)
+            return b""
         cs = self.chunk_size
         chunk = offset // cs
         if (offset + length - 1) // cs != chunk or chunk in self.pending:
@@ -343,8 +345,7 @@ class CowVolume:
         if entry[1] == ZERO or entry[2] is None:
             return None
         start = offset - chunk * cs
-        return self.diff.read(entry[1], min(cs, self.size - chunk * cs), entry[2], start,
-                              start + length)  # fmt: skip
+        return self.diff.read(entry[1], self.chunk_len(chunk), entry[2], start, start + length)
 
     def _origin_source(self, chunk: int, start: int, stop: int, out: memoryview) -> bool:
         pending = self.pending.get(chunk)

@@ -290,6 +290,20 @@ def test_a_corrupt_block_fails_every_read_that_touches_it(engine: Engine) -> Non
     assert engine.snapshots()[0].state == "damaged"
 
 
+def test_a_read_of_no_bytes_inside_a_preserved_chunk_is_empty(engine: Engine) -> None:
+    # at a block boundary inside the chunk, it once read no bytes from the slot and
+    # checked them against the next block's checksum: DamagedData, snapshot damaged
+    engine.create_volume("v", size=1 << 20)
+    write(engine, "v", 0, os.urandom(CHUNK))
+    engine.create_snapshot_set(["v"])
+    write(engine, "v", 0, os.urandom(CHUNK))
+    engine.flush()
+    engine.settle()
+    for offset in (0, 4096, CHUNK - 4096, CHUNK):
+        assert read(engine, "v@1", offset, 0) == b""
+    assert engine.snapshots()[0].state == "ok"
+
+
 def test_reads_gathered_across_consecutive_slots_check_every_chunk(engine: Engine) -> None:
     # one write preserves 16 chunks together: consecutive slots, read with one preadv
     engine.create_volume("v", size=1 << 20)
