@@ -940,8 +940,6 @@ class Engine:
         _check_range(vol, offset, length)
         self._gate.pass_through()
         with self._lock:
-            if not vol.pending:  # CowVolume.read_origin's common case, one call less
-                return vol.origin.pread(offset, length)
             return vol.read_origin(offset, length)
 
     def read_snapshot(
