@@ -8,8 +8,8 @@ Design notes.
   until the queue is full is disconnected (logged), not waited for.
 - Every byte goes out through the connection's `Wire`: whole messages, in order, under a
   thread lock, with non-blocking writes only (what the socket does not take waits in the
-  wire for the writer task). So an operation may send its reply straight from its worker
-  thread (`ops.current_reply`): snapshot creation does, so its requester is not kept
+  wire for the writer task). So an operation may send its reply straight from the thread
+  that did its work (`ops.current_reply`): snapshot creation does, so its requester is not kept
   waiting for the event loop, busy with the writes the creation just released. Such an
   operation sends no events (they would queue behind its reply).
 - Requests on one connection run one after the other; connections run concurrently (the
@@ -217,7 +217,7 @@ class Connection:
         scope.cancel()  # client gone, or queue closed: the reader stops too
 
     def reply_from_thread(self, rid: Any, result: Any) -> None:
-        """Send a request's reply from the worker thread that computed it (see Wire)."""
+        """Send a request's reply from the thread that computed it (see Wire)."""
         if not self._wire.send(protocol.encode(protocol.reply_ok(rid, result))):
             with contextlib.suppress(trio.RunFinishedError):  # the service is stopping
                 self._token.run_sync_soon(self._kick_writer)

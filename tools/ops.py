@@ -8,6 +8,7 @@ creation: `OpContext.call_now`). Handlers return JSON-ready values and let
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
@@ -42,8 +43,8 @@ current_events: contextvars.ContextVar[EventSink | None] = contextvars.ContextVa
 current_releases: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "current_releases", default=None
 )
-# sends the requesting connection's reply from a worker thread (control.Wire); a handler
-# that used it returns REPLIED
+# sends the requesting connection's reply from the thread doing its work (control.Wire); a
+# handler that used it returns REPLIED
 current_reply: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
     "current_reply", default=None
 )
@@ -75,7 +76,8 @@ class OpContext:
         3-6 ms at p99 went by between the call and the worker's first step. Starting a
         thread (`Thread.start` waits for it to run) hands the GIL over: 0.17 / 0.8 ms.
         The call is waited for, shielded from cancellation as `call` is, so the
-        connection's requests still run one after the other."""
+        connection's requests still run one after the other (and a connection has one
+        such thread at most); it runs in a copy of the caller's context, as `call`'s."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         result: list[Any] = []
@@ -87,9 +89,12 @@ class OpContext:
             except BaseException as exc:  # re-raised in the task, as trio.to_thread does
                 error.append(exc)
             finally:
-                token.run_sync_soon(done.set)
+                with contextlib.suppress(trio.RunFinishedError):  # cannot while we wait
+                    token.run_sync_soon(done.set)
 
-        threading.Thread(target=run, name=getattr(fn, "__name__", "call"), daemon=True).start()
+        context = contextvars.copy_context()
+        name = getattr(fn, "__name__", "call")
+        threading.Thread(target=context.run, args=(run,), name=name, daemon=True).start()
         with trio.CancelScope(shield=True):
             await done.wait()
         if error:
@@ -146,7 +151,7 @@ async def op_snapshot_create(ctx: OpContext, args: dict[str, Any]) -> Any:
         raise InvalidArgument("auto_release needs a control connection to tie the set to")
     reply = current_reply.get()
 
-    def create() -> Any:  # in the worker thread, replying from there (the requester waits)
+    def create() -> Any:  # in its own thread, replying from there (the requester waits)
         snaps: list[SnapshotInfo] = ctx.engine.create_snapshot_set(
             args["volumes"],
             label=args.get("label"),
