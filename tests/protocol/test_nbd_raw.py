@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import subprocess
@@ -449,11 +450,17 @@ def test_pipelined_reads_that_fail_get_errors_and_the_connection_goes_on(
 
 @pytest.mark.parametrize("piece", [1, 7, 30])
 def test_requests_arriving_in_pieces_are_served_in_order(
-    raw: RawFactory, reference: Reference, no_errors_logged: None, piece: int
+    raw: RawFactory,
+    reference: Reference,
+    no_errors_logged: None,
+    caplog: pytest.LogCaptureFixture,
+    piece: int,
 ) -> None:
     # the reader receives whatever part of the stream has arrived into its buffer and
     # parses only whole requests from it: headers and payloads cut anywhere, then a
-    # stream cut inside a header, which closes the connection without an error logged
+    # stream cut inside a header, which closes the connection as dropped mid-message
+    # (no error logged: the client's doing)
+    caplog.set_level(logging.INFO, logger="shadowblk.provider.nbd")
     client = raw()
     client.go("vol")
     new = bytes(range(256)) * 2
@@ -474,6 +481,8 @@ def test_requests_arriving_in_pieces_are_served_in_order(
     client.sock.sendall(request(CMD_READ, 0, 512, handle=5)[: min(piece, 20)])
     client.sock.shutdown(socket.SHUT_WR)
     client.assert_closed()
+    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drops) == 1 and "mid-message" in drops[0], drops
 
 
 def _any_reply(client: Any, lengths: dict[int, int]) -> tuple[int, int, bytes]:
