@@ -74,7 +74,7 @@ def serve_buffered_reads(t: Transmission) -> bool:
     served in order) or when the reply queue is full. True: the queue wants a flush."""
     wire, device = t.wire, t.device
     buffer, size, structured = wire.buffered(), device.size, t.session.structured_replies
-    unpack, pread, queue = REQUEST.unpack_from, device.pread, wire.queue_reply_nowait
+    unpack, pread, queue = REQUEST.unpack_from, device.pread, wire.queue_nowait
     used, end = 0, len(buffer) - REQUEST.size  # requests are consumed at once, at the end
     try:
         while used <= end:

@@ -151,16 +151,10 @@ class Wire:
     # Sending (any task).
 
     def queue_nowait(self, *parts: Buffer) -> bool:
-        """Queue one message (the reader task only), as `send(batch=True)` does but never
-        sending; False once the queue holds BATCH_LIMIT bytes: time to `flush`."""
+        """Queue one message (the reader task only) without sending it; False once the
+        queue holds BATCH_LIMIT bytes: time to `flush` (`send(batch=True)` then sends)."""
         self._queue += parts
-        self._queued += sum(len(p) for p in parts)
-        return self._queued < BATCH_LIMIT
-
-    def queue_reply_nowait(self, header: Buffer, data: Buffer) -> bool:
-        """`queue_nowait(header, data)`, for the reader's fast path (one call per read)."""
-        self._queue += (header, data)
-        self._queued += len(header) + len(data)
+        self._queued += sum(map(len, parts))  # no generator: once per read on the fast path
         return self._queued < BATCH_LIMIT
 
     def queue_full(self) -> bool:
@@ -171,9 +165,7 @@ class Wire:
         queued ones. `batch` (the reader task only): queue it instead, unless the queue
         is full (see Batching)."""
         if batch:
-            self._queue += parts
-            self._queued += sum(len(p) for p in parts)
-            if self._queued < BATCH_LIMIT:
+            if self.queue_nowait(*parts):
                 return
             parts = ()
         try:
