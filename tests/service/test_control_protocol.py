@@ -267,12 +267,12 @@ async def test_a_client_that_never_reads_events_is_dropped(
     assert not control_server.connections
 
 
-async def test_a_reply_from_a_worker_thread_keeps_every_line_whole(
+async def test_a_reply_from_the_creation_thread_keeps_every_line_whole(
     client: LineClient, control_server: ControlServer
 ) -> None:
-    """snapshot.create replies from its worker thread (control.Wire). With the socket full
-    of events the client has not read, the reply waits in the wire behind the event
-    being written, and every line arrives whole, the reply once."""
+    """snapshot.create replies from the thread that created the snapshot (control.Wire).
+    With the socket full of events the client has not read, the reply waits in the wire
+    behind the event being written, and every line arrives whole, the reply once."""
     await client.result("volume.create", name="v", size=1 << 20)
     (conn,) = control_server.connections
     pushed = 20  # 2 MB, more than the socket buffers hold: an event is written in part
@@ -298,7 +298,7 @@ async def test_a_reply_from_a_worker_thread_keeps_every_line_whole(
 async def test_a_thread_reply_left_in_the_wire_is_sent_by_the_writer(
     client: LineClient, control_server: ControlServer
 ) -> None:
-    """The socket is full and the writer task idle when a worker thread's reply does not
+    """The socket is full and the writer task idle when the creation thread's reply does not
     fit: the thread hands the rest to the writer, which sends it once the client reads."""
     await client.result("volume.create", name="v", size=1 << 20)
     (conn,) = control_server.connections
@@ -341,8 +341,8 @@ async def test_pipelined_creates_are_answered_in_order_and_errors_mapped(
 
 
 def _wait_for_a_snapshot(server: ControlServer) -> None:
-    """Until the server's engine has a snapshot of `v` (a worker thread's reply has been
-    sent then, or left in the wire)."""
+    """Until the server's engine has a snapshot of `v` (the creation thread's reply has
+    been sent then, or left in the wire)."""
     deadline = time.monotonic() + 30
     while not server.ctx.engine.snapshots("v"):
         assert time.monotonic() < deadline, "snapshot.create never ran"
