@@ -964,7 +964,9 @@ class Engine:
                 raise
 
     def _check_live(self, vol: CowVolume, snap: Snapshot) -> None:
-        """Refuse a deleted or invalid snapshot (an invalid one is never in `snapshots`)."""
+        """Refuse a deleted or invalid snapshot. One listed in `vol.invalid` is never in
+        `vol.snapshots`; one a failed preserve invalidated is, with its state "invalid"
+        (what `read_snapshot` tests before calling this)."""
         if vol.invalid.get(snap.seq) is snap:
             raise DamagedData(f"snapshot {snap.name} is invalid")
         if vol.snapshots.get(snap.seq) is not snap:

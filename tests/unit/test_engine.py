@@ -442,6 +442,7 @@ def test_a_failing_diff_area_invalidates_snapshots_never_the_write(
     engine.create_volume("v", size=1 << 20)
     write(engine, "v", 0, os.urandom(1 << 20))
     engine.create_snapshot_set(["v"])
+    opened = engine.open_export("v@1")  # open before: still listed, its state invalid
     faults.arm(f"{point}=eio")
     try:
         new = os.urandom(CHUNK)
@@ -453,6 +454,10 @@ def test_a_failing_diff_area_invalidates_snapshots_never_the_write(
     assert [s.state for s in engine.snapshots()] == ["invalid"]
     with pytest.raises(DamagedData):
         read(engine, "v@1", 0, 4096)
+    for offset, length in [(0, 4096), (2 * CHUNK, 4096), (0, 3 * CHUNK)]:
+        with pytest.raises(DamagedData):
+            opened.pread(offset, length)
+    opened.close()
     engine.create_snapshot_set(["v"])  # and the next snapshot works
     write(engine, "v", 5 * CHUNK, b"n" * 4096)
     engine.flush()
